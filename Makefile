@@ -1,0 +1,59 @@
+# The course's commands. Each one creates or updates the local virtual environment (.venv) first,
+# so a fresh clone needs nothing but Python 3.10+ (and Node.js for the book).
+PYTHON ?= python3
+TORCH ?= torch==2.13.0
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+JOBS ?= 2
+export COURSE_CACHE ?= $(CURDIR)/.cache/data
+export PYTHONHASHSEED = 0
+
+.PHONY: help setup test test-unit test-notebooks book lab labs notebooks clean
+
+help:
+	@echo "make book       execute the lectures and build the MyST book (_build/)"
+	@echo "make test       run every test: library, parity, labs, notebook budgets"
+	@echo "make lab        open JupyterLab on the course"
+	@echo "make labs       regenerate labs/ from solutions/ (FORCE=1 to replace edited labs, with a backup)"
+	@echo "make notebooks  rewrite the .ipynb copies from the .md sources (solutions executed)"
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check "$(TORCH)"
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e ".[dev]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(MAKE) test-unit
+	$(MAKE) test-notebooks
+
+# Library, parity and tooling tests, two processes.
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest -n $(JOBS) --dist loadfile -m "not notebook" tests
+
+# Notebooks one at a time, so that each one's time is what a 2-core laptop sees:
+# lectures are executed, solutions are compared with their recorded check output,
+# and the generated labs are executed and must report every exercise as not done.
+test-notebooks: $(STAMP)
+	$(BIN)/python -m pytest -p no:cacheprovider --nbval-lax --nbval-current-env lectures/*.ipynb solutions/*.ipynb
+	$(BIN)/python -m pytest -m notebook tests
+
+book: $(STAMP)
+	$(BIN)/python scripts/build_book.py
+
+lab: $(STAMP)
+	$(BIN)/jupyter lab --notebook-dir=.
+
+labs: $(STAMP)
+	$(BIN)/python -m course_lib.labs $(if $(FORCE),--force,)
+
+notebooks: $(STAMP)
+	$(BIN)/jupytext --to ipynb lectures/*.md
+	$(BIN)/jupytext --to ipynb --execute solutions/*.md
+	$(MAKE) labs
+
+clean:
+	rm -rf _build .pytest_cache

@@ -1,0 +1,362 @@
+"""Vision Transformer (Dosovitskiy et al., 2021), with DeiT's distillation token (Touvron et al.,
+2021) and register tokens (Darcet et al., 2024).
+
+An image is cut into P x P patches, each patch is flattened and projected to a token, a learned
+CLS token is prepended, position embeddings are added, and a stack of pre-norm transformer blocks
+mixes the tokens. The classifier reads the final CLS token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .hf import cfg, fuse_qkv, load_hf_checkpoint, rename_keys
+from .layers import Block, load_state_dict_checked, resample_pos_embed, sincos_2d_pos_embed
+
+
+def _pair(x: int | tuple[int, int]) -> tuple[int, int]:
+    return (x, x) if isinstance(x, int) else (int(x[0]), int(x[1]))
+
+
+def _check_divisible(height: int, width: int, patch: tuple[int, int]) -> None:
+    for name, size, p in (("height", height, patch[0]), ("width", width, patch[1])):
+        if size % p != 0:
+            fixed = (size // p + 1) * p
+            raise ValueError(
+                f"image {name} {size} is not divisible by the patch size {p}: "
+                f"resize or pad the images to {fixed} (or {size - size % p}), or pick a patch size that divides {size}"
+            )
+
+
+# ----------------------------------------------------------------------------------------------
+# The pure functions: image <-> patches
+# ----------------------------------------------------------------------------------------------
+def patchify(images: torch.Tensor, patch_size: int | tuple[int, int]) -> torch.Tensor:
+    """Cut images into non-overlapping patches, flattened row-major (ViT eq. 1).
+
+    images: (B, C, H, W) -> patches: (B, N, p_h * p_w * C) with N = (H/p_h) * (W/p_w).
+    Patches are ordered row by row over the grid; inside a patch the values are ordered
+    (row, column, channel), the layout MAE uses for its pixel targets.
+    """
+    if images.ndim != 4:
+        raise ValueError(f"patchify expects (B, C, H, W) images, got shape {tuple(images.shape)}")
+    ph, pw = _pair(patch_size)
+    B, C, H, W = images.shape
+    _check_divisible(H, W, (ph, pw))
+    x = images.reshape(B, C, H // ph, ph, W // pw, pw)  # (B, C, gh, ph, gw, pw)
+    x = x.permute(0, 2, 4, 3, 5, 1)  # (B, gh, gw, ph, pw, C)
+    return x.reshape(B, (H // ph) * (W // pw), ph * pw * C)
+
+
+def unpatchify(
+    patches: torch.Tensor, patch_size: int | tuple[int, int], image_size: int | tuple[int, int], channels: int = 3
+) -> torch.Tensor:
+    """The exact inverse of `patchify`: (B, N, p_h * p_w * C) -> (B, C, H, W)."""
+    ph, pw = _pair(patch_size)
+    H, W = _pair(image_size)
+    _check_divisible(H, W, (ph, pw))
+    B, N, D = patches.shape
+    gh, gw = H // ph, W // pw
+    if N != gh * gw or D != ph * pw * channels:
+        raise ValueError(
+            f"patches of shape {tuple(patches.shape)} do not fit a {H}x{W} image with {ph}x{pw} "
+            f"patches and {channels} channels: expected (B, {gh * gw}, {ph * pw * channels})"
+        )
+    x = patches.reshape(B, gh, gw, ph, pw, channels).permute(0, 5, 1, 3, 2, 4)  # (B, C, gh, ph, gw, pw)
+    return x.reshape(B, channels, H, W)
+
+
+class PatchEmbed(nn.Module):
+    """Patch embedding as a strided convolution: kernel = stride = patch size.
+
+    This is the same linear map as `patchify` followed by nn.Linear (see `as_linear`), computed
+    in one fused op.
+    """
+
+    def __init__(self, patch_size: int | tuple[int, int], in_chans: int, dim: int):
+        super().__init__()
+        self.patch_size = _pair(patch_size)
+        self.in_chans = in_chans
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=self.patch_size, stride=self.patch_size)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.ndim != 4 or images.shape[1] != self.in_chans:
+            raise ValueError(
+                f"expected images of shape (B, {self.in_chans}, H, W), got {tuple(images.shape)}"
+                + (" (channels-last? use images.permute(0, 3, 1, 2))" if images.ndim == 4 and images.shape[-1] == self.in_chans else "")
+            )
+        _check_divisible(images.shape[2], images.shape[3], self.patch_size)
+        return self.proj(images).flatten(2).transpose(1, 2)  # (B, D, gh, gw) -> (B, N, D)
+
+    def as_linear(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The conv weight as a (D, p*p*C) matrix matching `patchify`'s (row, col, channel) order."""
+        w = self.proj.weight  # (D, C, ph, pw)
+        return w.permute(0, 2, 3, 1).reshape(w.shape[0], -1), self.proj.bias
+
+
+# ----------------------------------------------------------------------------------------------
+# The model
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class ViTConfig:
+    image_size: int | tuple[int, int] = 32
+    patch_size: int | tuple[int, int] = 4
+    in_chans: int = 3
+    num_classes: int = 10  # 0: no classification head (a backbone)
+    dim: int = 192
+    depth: int = 6
+    num_heads: int = 3
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    pos_embed: str = "learned"  # "learned" | "sincos" | "none"
+    class_token: bool = True
+    num_registers: int = 0  # Darcet et al., 2024: extra tokens with no position, dropped at the output
+    distilled: bool = False  # DeiT: a distillation token and a second head
+    pool: str = "cls"  # "cls" | "mean" (mean over patch tokens)
+    layer_scale: float | None = None  # CaiT/DINOv2 layer scale init, None = off
+    eps: float = 1e-6
+    drop_path: float = 0.0
+    dropout: float = 0.0
+    pos_antialias: bool = False  # DINOv2 resamples position tables with antialiasing
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.pos_embed not in ("learned", "sincos", "none"):
+            raise ValueError(f"pos_embed must be 'learned', 'sincos' or 'none', got {self.pos_embed!r}")
+        if self.pool not in ("cls", "mean"):
+            raise ValueError(f"pool must be 'cls' or 'mean', got {self.pool!r}")
+        if self.pool == "cls" and not self.class_token:
+            raise ValueError("pool='cls' needs class_token=True; use pool='mean' without a CLS token")
+        H, W = _pair(self.image_size)
+        _check_divisible(H, W, _pair(self.patch_size))
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        (H, W), (ph, pw) = _pair(self.image_size), _pair(self.patch_size)
+        return H // ph, W // pw
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Tokens before the patches that have a position embedding (CLS, distillation)."""
+        return int(self.class_token) + int(self.distilled)
+
+
+class ViT(nn.Module):
+    """ViT / DeiT / ViT with registers. Token order: [CLS], [DIST], registers, patches."""
+
+    def __init__(self, config: ViTConfig):
+        super().__init__()
+        self.config = c = config
+        self.patch_embed = PatchEmbed(c.patch_size, c.in_chans, c.dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, c.dim)) if c.class_token else None
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, c.dim)) if c.distilled else None
+        self.reg_tokens = nn.Parameter(torch.zeros(1, c.num_registers, c.dim)) if c.num_registers else None
+        n_pos = c.num_prefix_tokens + c.grid[0] * c.grid[1]
+        self.pos_embed = nn.Parameter(torch.zeros(1, n_pos, c.dim)) if c.pos_embed == "learned" else None
+        self.pos_drop = nn.Dropout(c.dropout)
+        dpr = torch.linspace(0, c.drop_path, c.depth).tolist()  # stochastic depth grows with depth
+        self.blocks = nn.ModuleList(
+            Block(c.dim, c.num_heads, int(c.dim * c.mlp_ratio), c.qkv_bias, c.eps, c.layer_scale, dpr[i], c.dropout)
+            for i in range(c.depth)
+        )
+        self.norm = nn.LayerNorm(c.dim, eps=c.eps)
+        self.head = nn.Linear(c.dim, c.num_classes) if c.num_classes else nn.Identity()
+        self.head_dist = nn.Linear(c.dim, c.num_classes) if (c.distilled and c.num_classes) else None
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        for t in (self.cls_token, self.dist_token, self.reg_tokens, self.pos_embed):
+            if t is not None:
+                nn.init.trunc_normal_(t, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"cls_token", "dist_token", "reg_tokens", "pos_embed"}
+
+    @property
+    def num_skip_tokens(self) -> int:
+        """Tokens before the patch tokens in the output: prefix tokens and registers."""
+        return self.config.num_prefix_tokens + self.config.num_registers
+
+    def position_embedding(self, grid: tuple[int, int]) -> torch.Tensor | None:
+        """(1, prefix + gh*gw, D) for this input's grid, resampled if it differs from the config's."""
+        c = self.config
+        if c.pos_embed == "none":
+            return None
+        if c.pos_embed == "sincos":
+            table = sincos_2d_pos_embed(grid, c.dim).to(self.patch_embed.proj.weight)
+            prefix = table.new_zeros(c.num_prefix_tokens, c.dim)  # prefix tokens get no position
+            return torch.cat([prefix, table])[None]
+        return resample_pos_embed(self.pos_embed, grid, c.grid, c.num_prefix_tokens, c.pos_antialias)
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) -> tokens (B, prefix + registers + N, D) ready for the blocks."""
+        x = self.patch_embed(images)  # (B, N, D)
+        B = x.shape[0]
+        grid = (images.shape[2] // self.patch_embed.patch_size[0], images.shape[3] // self.patch_embed.patch_size[1])
+        prefix = [t.expand(B, -1, -1) for t in (self.cls_token, self.dist_token) if t is not None]
+        x = torch.cat(prefix + [x], dim=1)
+        pos = self.position_embedding(grid)
+        if pos is not None:
+            x = x + pos
+        if self.reg_tokens is not None:
+            # Registers join after the position embeddings were added: they have no position.
+            n = self.config.num_prefix_tokens
+            x = torch.cat([x[:, :n], self.reg_tokens.expand(B, -1, -1), x[:, n:]], dim=1)
+        return self.pos_drop(x)
+
+    def forward_features(self, images: torch.Tensor, return_attention: bool = False):
+        """All output tokens after the final norm: (B, prefix + registers + N, D).
+
+        With return_attention=True also returns the list of per-block attention weights
+        (B, heads, T, T), computed by the explicit softmax path.
+        """
+        x = self.embed(images)
+        maps = []
+        for block in self.blocks:
+            if return_attention:
+                x, w = block(x, return_weights=True)
+                maps.append(w)
+            else:
+                x = block(x)
+        x = self.norm(x)
+        return (x, maps) if return_attention else x
+
+    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.config.pool == "mean":
+            return tokens[:, self.num_skip_tokens :].mean(dim=1)
+        return tokens[:, 0]
+
+    def forward_heads(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """DeiT: (class-token logits, distillation-token logits)."""
+        if not self.config.distilled:
+            raise ValueError("forward_heads needs a distilled model (ViTConfig(distilled=True))")
+        tokens = self.forward_features(images)
+        return self.head(tokens[:, 0]), self.head_dist(tokens[:, 1])
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Class logits (B, num_classes); a backbone (num_classes=0) returns the pooled feature.
+
+        A distilled (DeiT) model averages its two heads, as DeiT does at test time.
+        """
+        if self.config.distilled and self.head_dist is not None:
+            cls_logits, dist_logits = self.forward_heads(images)
+            return (cls_logits + dist_logits) / 2
+        return self.head(self.pool(self.forward_features(images)))
+
+    # ------------------------------------------------------------------------------------------
+    @classmethod
+    def from_hf(cls, source, **overrides) -> "ViT":
+        """Load a `transformers` ViT, DeiT, DINOv2 or DINOv2-with-registers model.
+
+        source: a model instance (offline), a save_pretrained folder, or a hub id (online).
+        Classification checkpoints (ViTForImageClassification, DeiTForImageClassificationWithTeacher)
+        keep their heads; backbones get num_classes=0.
+        """
+        hf_config, state = load_hf_checkpoint(source)
+        config = config_from_hf(hf_config, state, **overrides)
+        model = cls(config)
+        load_state_dict_checked(model, convert_hf_state_dict(state, config), source=str(type(source).__name__ if not isinstance(source, str) else source))
+        return model
+
+
+def config_from_hf(hf_config, state: dict[str, torch.Tensor], **overrides) -> ViTConfig:
+    """Translate a transformers ViT/DeiT/DINOv2 config into a ViTConfig."""
+    model_type = cfg(hf_config, "model_type", "vit")
+    dim = cfg(hf_config, "hidden_size")
+    if model_type.startswith("dinov2"):
+        mlp_ratio = cfg(hf_config, "mlp_ratio", 4)
+        if cfg(hf_config, "use_swiglu_ffn", False):
+            raise NotImplementedError("DINOv2 giant's SwiGLU feed-forward is not implemented in course_lib")
+    else:
+        mlp_ratio = cfg(hf_config, "intermediate_size") / dim
+    head = next((k for k in state if k.endswith("classifier.weight") or k.endswith("cls_classifier.weight")), None)
+    kwargs = dict(
+        image_size=cfg(hf_config, "image_size"),
+        patch_size=cfg(hf_config, "patch_size"),
+        in_chans=cfg(hf_config, "num_channels", 3),
+        num_classes=state[head].shape[0] if head else 0,
+        dim=dim,
+        depth=cfg(hf_config, "num_hidden_layers"),
+        num_heads=cfg(hf_config, "num_attention_heads"),
+        mlp_ratio=mlp_ratio,
+        qkv_bias=cfg(hf_config, "qkv_bias", True),
+        num_registers=cfg(hf_config, "num_register_tokens", 0) if model_type == "dinov2_with_registers" else 0,
+        distilled=model_type == "deit",
+        layer_scale=cfg(hf_config, "layerscale_value", 1.0) if model_type.startswith("dinov2") else None,
+        eps=cfg(hf_config, "layer_norm_eps", 1e-12),
+        pos_antialias=model_type == "dinov2_with_registers",
+    )
+    act = cfg(hf_config, "hidden_act", "gelu")
+    if act != "gelu":
+        raise NotImplementedError(f"activation {act!r}: course_lib's ViT uses exact GELU")
+    kwargs.update(overrides)
+    return ViTConfig(**kwargs)
+
+
+# Both spellings of transformers 5.x: in memory (first group) and on disk (second group).
+_HF_RULES = [
+    (r"^(vit|deit|dinov2|dinov2_with_registers|model)\.", ""),
+    (r"^embeddings\.patch_embeddings\.projection\.", "patch_embed.proj."),
+    (r"^embeddings\.cls_token$", "cls_token"),
+    (r"^embeddings\.distillation_token$", "dist_token"),
+    (r"^embeddings\.register_tokens$", "reg_tokens"),
+    (r"^embeddings\.position_embeddings$", "pos_embed"),
+    (r"^(encoder\.layer|layers)\.(\d+)\.", r"blocks.\2."),
+    (r"\.attention\.(q_proj|attention\.query)\.", ".attn.q."),
+    (r"\.attention\.(k_proj|attention\.key)\.", ".attn.k."),
+    (r"\.attention\.(v_proj|attention\.value)\.", ".attn.v."),
+    (r"\.attention\.(o_proj|output\.dense)\.", ".attn.proj."),
+    (r"\.(layernorm_before|norm1)\.", ".norm1."),
+    (r"\.(layernorm_after|norm2)\.", ".norm2."),
+    (r"\.intermediate\.dense\.", ".mlp.fc1."),
+    (r"(blocks\.\d+)\.output\.dense\.", r"\1.mlp.fc2."),
+    (r"\.layer_scale(\d)\.lambda1$", r".ls\1.gamma"),
+    (r"^layernorm\.", "norm."),
+    (r"^(classifier|cls_classifier)\.", "head."),
+    (r"^distillation_classifier\.", "head_dist."),
+]
+
+
+def convert_hf_state_dict(state: dict[str, torch.Tensor], config: ViTConfig) -> dict[str, torch.Tensor]:
+    """transformers weight names (in-memory or on-disk spelling) -> course_lib ViT names."""
+    out = fuse_qkv(rename_keys(state, _HF_RULES))
+    # Parts course_lib does not use: the ViTModel pooler and DINOv2's mask token (for iBOT).
+    for k in [k for k in out if k.startswith("pooler.") or k == "embeddings.mask_token"]:
+        out.pop(k)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Sizes (ViT paper Table 1, DeiT Table 1) and DeiT's loss
+# ----------------------------------------------------------------------------------------------
+def vit_tiny(**kw) -> ViT:
+    return ViT(ViTConfig(**{**dict(dim=192, depth=12, num_heads=3), **kw}))
+
+
+def vit_small(**kw) -> ViT:
+    return ViT(ViTConfig(**{**dict(dim=384, depth=12, num_heads=6), **kw}))
+
+
+def vit_base(**kw) -> ViT:
+    return ViT(ViTConfig(**{**dict(dim=768, depth=12, num_heads=12), **kw}))
+
+
+def deit_hard_distillation_loss(
+    cls_logits: torch.Tensor, dist_logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor
+) -> torch.Tensor:
+    """DeiT's hard distillation (Touvron et al., 2021, eq. 3): the class head learns the true
+    label, the distillation head learns the teacher's argmax, each with weight 1/2."""
+    teacher_labels = teacher_logits.argmax(dim=-1)
+    return 0.5 * F.cross_entropy(cls_logits, labels) + 0.5 * F.cross_entropy(dist_logits, teacher_labels)

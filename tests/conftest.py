@@ -1,0 +1,34 @@
+import os
+
+import pytest
+import torch
+
+# Tests never touch the network: the hub and datasets libraries fail fast instead of hanging.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def report_diff(name: str, ours: torch.Tensor, ref: torch.Tensor, tol: float = 1e-5) -> float:
+    """Print and check the max abs difference between our output and the reference's."""
+    assert ours.shape == ref.shape, f"{name}: shape {tuple(ours.shape)} vs reference {tuple(ref.shape)}"
+    assert ref.abs().max() > 0 and ref.std() > 1e-3, f"{name}: the reference output is degenerate"
+    diff = (ours - ref).abs().max().item()
+    print(f"[parity] {name}: max abs diff {diff:.2e} (tolerance {tol:.0e})")
+    assert diff <= tol, f"{name}: max abs diff {diff:.3e} > {tol:.0e}"
+    return diff
+
+
+def randomize_(model: torch.nn.Module, std: float = 0.2, seed: int = 0) -> torch.nn.Module:
+    """Give every parameter random values, so that zero- or one-initialised tensors (biases, norms,
+    layer scales, gates) cannot hide a wrongly loaded weight."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
