@@ -1,0 +1,706 @@
+"""DINO: self-distillation with no labels (Caron et al., 2021), with the additions of DINOv2
+(Oquab et al., 2024) and DINOv3 (Simeoni et al., 2025).
+
+A student network learns to match the output distribution of a teacher network over K
+"prototypes". Both see different random crops of the same image; the teacher sees only the large
+(global) crops, the student sees those and several small (local) ones, so it must infer the whole
+from a part. Nothing is labelled. The teacher is not trained: it is an exponential moving average
+(EMA) of the student. Two operations on the teacher's output keep the pair from collapsing to a
+constant: centering (subtract a running mean, so no prototype dominates) and sharpening (a low
+temperature tau_t, so the output is not uniform).
+
+DINOv2 adds a masked-patch loss (iBOT) on patch tokens with its own head, the KoLeo regulariser
+that spreads features over the sphere, and Sinkhorn-Knopp centering. DINOv3 adds Gram anchoring:
+the similarity structure between patches is pinned to that of an earlier teacher.
+
+The backbone is course_lib's ViT (with optional registers); `DINO.from_hf` loads transformers'
+Dinov2Model / Dinov2WithRegistersModel, mask token included.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from .hf import load_hf_checkpoint
+from .layers import load_state_dict_checked, param_groups
+from .train import cosine_schedule
+from .vit import ViT, ViTConfig, config_from_hf, convert_hf_state_dict
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed guards: every collective is a no-op in a single process.
+# ----------------------------------------------------------------------------------------------
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean of `x` over processes; `x` itself when torch.distributed is not initialised."""
+    if not is_distributed():
+        return x
+    x = x.clone()
+    dist.all_reduce(x)
+    return x / dist.get_world_size()
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    if not is_distributed():
+        return x
+    x = x.clone()
+    dist.all_reduce(x)
+    return x
+
+
+# ----------------------------------------------------------------------------------------------
+# The loss: centering, sharpening, cross-entropy over view pairs
+# ----------------------------------------------------------------------------------------------
+def _stack_views(out: torch.Tensor | Sequence[torch.Tensor], who: str) -> torch.Tensor:
+    if isinstance(out, (list, tuple)):
+        if len({tuple(o.shape) for o in out}) != 1:
+            raise ValueError(f"{who} views have different shapes {[tuple(o.shape) for o in out]}: every view needs (B, K)")
+        out = torch.stack(list(out))
+    if out.ndim != 3:
+        raise ValueError(f"{who} output must be (views, B, K) or a list of (B, K) tensors, got shape {tuple(out.shape)}")
+    return out
+
+
+def teacher_probs(teacher_out: torch.Tensor, center: torch.Tensor, tau_t: float) -> torch.Tensor:
+    """Centered and sharpened teacher distribution softmax((t - c) / tau_t), with no gradient.
+
+    teacher_out: (..., K) logits, center: (K,). Returns (..., K) probabilities.
+    """
+    return F.softmax((teacher_out.detach() - center) / tau_t, dim=-1)
+
+
+def multicrop_cross_entropy(student_out: torch.Tensor | Sequence[torch.Tensor], teacher_p: torch.Tensor, tau_s: float) -> torch.Tensor:
+    """Mean cross-entropy H(P_t, P_s) over all pairs of different views.
+
+    student_out: (V_s, B, K) logits, the V_t global crops first; teacher_p: (V_t, B, K) target
+    probabilities (already centered and sharpened). Pair (i, j) compares teacher view i with
+    student view j; pairs with i == j are skipped. Returns the mean over the batch and the pairs.
+    """
+    s = _stack_views(student_out, "student")
+    t = _stack_views(teacher_p, "teacher")
+    (V_s, B, K), V_t = s.shape, t.shape[0]
+    if t.shape[1:] != (B, K):
+        raise ValueError(f"teacher views are {tuple(t.shape[1:])} per view, student views {(B, K)}: use the same batch and K")
+    if V_t > V_s:
+        raise ValueError(
+            f"{V_t} teacher views but only {V_s} student views: the teacher sees the global crops, "
+            "the student sees them too (first) plus the local crops, so V_t <= V_s"
+        )
+    if V_s == 1:
+        raise ValueError("one view gives no pair of different views: use at least 2 crops per image")
+    log_p_s = F.log_softmax(s / tau_s, dim=-1)  # (V_s, B, K)
+    ce = -torch.einsum("ibk,jbk->ij", t, log_p_s) / B  # (V_t, V_s): each pair, mean over the batch
+    same_view = torch.eye(V_t, V_s, dtype=torch.bool, device=ce.device)
+    return ce[~same_view].mean()
+
+
+def dino_loss(
+    student_out: torch.Tensor | Sequence[torch.Tensor],
+    teacher_out: torch.Tensor | Sequence[torch.Tensor],
+    center: torch.Tensor,
+    tau_s: float = 0.1,
+    tau_t: float = 0.04,
+) -> torch.Tensor:
+    """The DINO loss over multi-crop views (Caron et al., 2021, eq. 3 and Algorithm 1).
+
+    student_out: (V_s, B, K) logits of every view, the V_t global crops first, then the locals
+    (or a list of V_s tensors (B, K)). teacher_out: (V_t, B, K) logits of the global crops only.
+    center: (K,) running mean of the teacher logits.
+    P_t = softmax((t - center) / tau_t) (centered, sharpened, no gradient), P_s = softmax(s / tau_s).
+    For every pair (teacher view i, student view j) with i != j the cross-entropy
+    -sum_k P_t log P_s is averaged over the batch; the loss is the mean over the V_t * V_s - V_t
+    pairs. A student never matches the teacher on the very same view: that would be trivial.
+    """
+    t = _stack_views(teacher_out, "teacher")
+    if center.shape != t.shape[-1:]:
+        raise ValueError(f"center has shape {tuple(center.shape)}, expected ({t.shape[-1]},): one entry per prototype")
+    return multicrop_cross_entropy(student_out, teacher_probs(t, center, tau_t), tau_s)
+
+
+@torch.no_grad()
+def update_center(center: torch.Tensor, teacher_out: torch.Tensor, momentum: float = 0.9) -> torch.Tensor:
+    """C <- m C + (1 - m) mean(teacher logits) (DINO eq. 4). Returns the new center (K,).
+
+    teacher_out: (..., K), all global views of the batch; the mean is over every row and,
+    when training on several processes, over all of them.
+    """
+    batch_center = all_reduce_mean(teacher_out.detach().reshape(-1, teacher_out.shape[-1]).mean(dim=0))
+    return center * momentum + batch_center * (1 - momentum)
+
+
+@torch.no_grad()
+def sinkhorn_knopp(teacher_out: torch.Tensor, tau_t: float, n_iters: int = 3) -> torch.Tensor:
+    """DINOv2's centering (SwAV, Caron et al., 2020): (B, K) logits -> (B, K) probabilities.
+
+    Alternately normalises the prototypes (columns) to equal mass and the samples (rows) to sum
+    to one, `n_iters` times (DINOv2 uses 3). Rows of the result sum to 1.
+    """
+    Q = torch.exp(teacher_out.float() / tau_t).T  # (K, B); logits are cosines, so no overflow
+    K, B = Q.shape
+    B = B * (dist.get_world_size() if is_distributed() else 1)
+    Q = Q / all_reduce_sum(Q.sum())
+    for _ in range(n_iters):
+        Q = Q / all_reduce_sum(Q.sum(dim=1, keepdim=True)) / K  # every prototype gets mass 1/K
+        Q = Q / Q.sum(dim=0, keepdim=True) / B  # every sample gets mass 1/B
+    return (Q * B).T
+
+
+def entropy(p: torch.Tensor) -> torch.Tensor:
+    """Entropy in nats of distributions along the last axis: (..., K) -> (...)."""
+    return -(p * p.clamp_min(1e-12).log()).sum(dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# The teacher: EMA of the student, with DINO's schedules
+# ----------------------------------------------------------------------------------------------
+def teacher_momentum(step: int, total_steps: int, base: float = 0.996, final: float = 1.0) -> float:
+    """Cosine schedule of the EMA momentum from `base` at step 0 to `final` at the last step
+    (DINO section 3.1): late in training the teacher moves ever more slowly."""
+    progress = min(1.0, step / max(1, total_steps))
+    return final - (final - base) * (math.cos(math.pi * progress) + 1) / 2
+
+
+def teacher_temperature(step: int, warmup_steps: int, start: float = 0.04, end: float = 0.04) -> float:
+    """Linear warmup of tau_t from `start` to `end` over `warmup_steps`, then constant (DINO
+    uses 0.04 -> 0.07 over 30 epochs for long runs: a too sharp teacher early can diverge)."""
+    if step >= warmup_steps:
+        return end
+    return start + (end - start) * step / warmup_steps
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    """theta_t <- m theta_t + (1 - m) theta_s for every parameter, in place (DINO section 3.1).
+
+    Buffers (if any) are copied from the student. The two modules must have the same parameters.
+    """
+    t_params, s_params = dict(teacher.named_parameters()), dict(student.named_parameters())
+    if t_params.keys() != s_params.keys():
+        diff = sorted(set(t_params) ^ set(s_params))
+        raise ValueError(f"teacher and student have different parameters ({', '.join(diff[:5])}): build the teacher with copy.deepcopy(student)")
+    for name, p_t in t_params.items():
+        p_s = s_params[name]
+        if p_t.shape != p_s.shape:
+            raise ValueError(f"{name}: teacher {tuple(p_t.shape)} vs student {tuple(p_s.shape)}")
+        p_t.mul_(momentum).add_(p_s.detach(), alpha=1 - momentum)
+    for b_t, b_s in zip(teacher.buffers(), student.buffers()):
+        b_t.copy_(b_s)
+
+
+# ----------------------------------------------------------------------------------------------
+# DINOv2 and DINOv3 terms
+# ----------------------------------------------------------------------------------------------
+def masked_cross_entropy(student_patch_out: torch.Tensor, teacher_p: torch.Tensor, mask: torch.Tensor, tau_s: float) -> torch.Tensor:
+    """Cross-entropy on masked patches: (B, N, K) logits, (B, N, K) targets, (B, N) bool mask.
+    Averaged over the masked patches of each image, then over the batch; an image with no masked
+    patch contributes 0."""
+    if student_patch_out.shape != teacher_p.shape or student_patch_out.shape[:2] != mask.shape:
+        raise ValueError(
+            f"student {tuple(student_patch_out.shape)}, teacher {tuple(teacher_p.shape)} and mask "
+            f"{tuple(mask.shape)} must agree as (B, N, K), (B, N, K), (B, N)"
+        )
+    ce = -(teacher_p * F.log_softmax(student_patch_out / tau_s, dim=-1)).sum(dim=-1)  # (B, N)
+    m = mask.float()
+    return ((ce * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)).mean()
+
+
+def ibot_patch_loss(
+    student_patch_out: torch.Tensor,
+    teacher_patch_out: torch.Tensor,
+    mask: torch.Tensor,
+    center: torch.Tensor,
+    tau_s: float = 0.1,
+    tau_t: float = 0.04,
+) -> torch.Tensor:
+    """iBOT's masked-patch loss as in DINOv2 (Zhou et al., 2022; Oquab et al., 2024, sec. 4).
+
+    student_patch_out: (B, N, K) logits of the student's patch tokens, computed on the image with
+    the masked patches replaced by a mask token. teacher_patch_out: (B, N, K) logits of the
+    teacher on the unmasked image. mask: (B, N) bool, True = masked for the student.
+    center: (K,) running mean of the teacher's patch logits (its own, not the CLS center).
+    """
+    return masked_cross_entropy(student_patch_out, teacher_probs(teacher_patch_out, center, tau_t), mask, tau_s)
+
+
+def koleo_loss(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """KoLeo regulariser (Sablayrolles et al., 2019; DINOv2 sec. 4): -mean_i log(d_i + eps), with
+    d_i the distance from x_i to its nearest neighbour in the batch, after L2 normalisation.
+
+    x: (B, D) with B >= 2. Minimising it pushes neighbours apart: features spread over the sphere.
+    """
+    if x.ndim != 2:
+        raise ValueError(f"koleo_loss expects (B, D) features, got shape {tuple(x.shape)}")
+    if x.shape[0] < 2:
+        raise ValueError(
+            f"koleo_loss needs at least 2 samples to find a nearest neighbour, got a batch of {x.shape[0]}: "
+            "use a larger batch (or skip the term for this batch)"
+        )
+    x = F.normalize(x, dim=-1)
+    with torch.no_grad():
+        dots = x @ x.T  # (B, B); on the unit sphere the largest dot product is the nearest point
+        dots.fill_diagonal_(-2.0)  # never choose yourself (dots are >= -1)
+        nearest = dots.argmax(dim=1)  # (B,)
+    d = (x - x[nearest]).norm(dim=-1)
+    return -torch.log(d + eps).mean()
+
+
+def gram_loss(student_patches: torch.Tensor, teacher_patches: torch.Tensor) -> torch.Tensor:
+    """DINOv3's Gram anchoring (Simeoni et al., 2025, eq. 2).
+
+    student_patches, teacher_patches: (B, P, D) patch features of the student and of the "Gram
+    teacher" (an earlier teacher). Both are L2-normalised; the loss is the squared Frobenius
+    distance between their (P, P) Gram matrices divided by P^2 (the mean over entries, as the
+    mean-squared error of DINOv3's code), averaged over the batch. Only similarities between
+    patches are pinned: any rotation of the feature space costs nothing.
+    """
+    if student_patches.shape != teacher_patches.shape or student_patches.ndim != 3:
+        raise ValueError(f"gram_loss expects two (B, P, D) tensors of one shape, got {tuple(student_patches.shape)} and {tuple(teacher_patches.shape)}")
+    xs = F.normalize(student_patches, dim=-1)
+    xg = F.normalize(teacher_patches.detach(), dim=-1)
+    return F.mse_loss(xs @ xs.transpose(1, 2), xg @ xg.transpose(1, 2))  # (B, P, P) each
+
+
+# ----------------------------------------------------------------------------------------------
+# Multi-crop augmentation, on whole batches (no torchvision needed)
+# ----------------------------------------------------------------------------------------------
+def crop_boxes(n: int, scale: tuple[float, float], ratio: tuple[float, float] = (3 / 4, 4 / 3), generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random boxes for RandomResizedCrop: (n, 4) rows (cx, cy, w, h) in [-1, 1] image coordinates,
+    w * h / 4 = a fraction of the area drawn uniformly from `scale`, aspect ratio log-uniform."""
+    area = torch.empty(n).uniform_(*scale, generator=generator)
+    log_r = torch.empty(n).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
+    w = (area * log_r.exp()).sqrt().clamp(max=1.0) * 2  # widths in [-1, 1] units (full image = 2)
+    h = (area / log_r.exp()).sqrt().clamp(max=1.0) * 2
+    cx = (torch.rand(n, generator=generator) * 2 - 1) * (1 - w / 2)
+    cy = (torch.rand(n, generator=generator) * 2 - 1) * (1 - h / 2)
+    return torch.stack([cx, cy, w, h], dim=1)
+
+
+def crop_resize(images: torch.Tensor, boxes: torch.Tensor, size: int, flip: torch.Tensor | None = None) -> torch.Tensor:
+    """Cut box i out of image i and resize it to size x size by bilinear sampling.
+
+    images: (B, C, H, W); boxes: (B, 4) as from `crop_boxes`; flip: (B,) bool, mirror left-right.
+    The full box (0, 0, 2, 2) at the input size returns the images unchanged.
+    """
+    B = images.shape[0]
+    cx, cy, w, h = boxes.to(images).unbind(1)
+    sx = w / 2 * (1 - 2 * flip.to(images)) if flip is not None else w / 2
+    theta = torch.zeros(B, 2, 3).to(images)
+    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = sx, cx, h / 2, cy
+    grid = F.affine_grid(theta, [B, images.shape[1], size, size], align_corners=False)  # (B, size, size, 2)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def color_jitter(images: torch.Tensor, strength: float = 0.4, p_gray: float = 0.2, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random brightness, contrast and saturation per image, then random grayscale.
+
+    images: (B, 3, H, W) in [0, 1]. A simplified version of DINO's photometric augmentations."""
+    B = images.shape[0]
+
+    def factor() -> torch.Tensor:
+        return torch.empty(B, 1, 1, 1).uniform_(1 - strength, 1 + strength, generator=generator).to(images)
+
+    gray = (images * images.new_tensor([0.299, 0.587, 0.114])[:, None, None]).sum(1, keepdim=True)  # (B, 1, H, W)
+    x = images * factor()
+    x = (x - x.mean(dim=(1, 2, 3), keepdim=True)) * factor() + x.mean(dim=(1, 2, 3), keepdim=True)
+    x = (x - gray) * factor() + gray
+    to_gray = (torch.rand(B, 1, 1, 1, generator=generator) < p_gray).to(images)
+    x = x * (1 - to_gray) + x.mean(dim=1, keepdim=True) * to_gray
+    return x.clamp(0, 1)
+
+
+def multi_crop(
+    images: torch.Tensor,
+    n_global: int = 2,
+    n_local: int = 4,
+    global_size: int = 32,
+    local_size: int = 16,
+    global_scale: tuple[float, float] = (0.4, 1.0),
+    local_scale: tuple[float, float] = (0.05, 0.4),
+    jitter: float = 0.4,
+    generator: torch.Generator | None = None,
+) -> list[torch.Tensor]:
+    """DINO's multi-crop (Caron et al., 2021, sec. 3.1): `n_global` large crops then `n_local`
+    small ones of every image, each flipped and colour-jittered at random.
+
+    images: (B, C, H, W) in [0, 1] -> list of n_global tensors (B, C, global_size, global_size)
+    followed by n_local tensors (B, C, local_size, local_size). Views of index i share image i.
+    """
+    if n_global < 1:
+        raise ValueError(f"n_global must be at least 1 (the teacher sees the global crops), got {n_global}")
+    B = images.shape[0]
+    views = []
+    for i in range(n_global + n_local):
+        size, scale = (global_size, global_scale) if i < n_global else (local_size, local_scale)
+        flip = torch.rand(B, generator=generator) < 0.5
+        view = crop_resize(images, crop_boxes(B, scale, generator=generator), size, flip)
+        views.append(color_jitter(view, jitter, generator=generator) if jitter > 0 else view)
+    return views
+
+
+def random_patch_mask(batch: int, num_patches: int, ratio: tuple[float, float] = (0.1, 0.5), generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B, N) bool mask for iBOT, True = masked; each image masks a fraction drawn from `ratio`."""
+    r = torch.empty(batch, 1).uniform_(*ratio, generator=generator)
+    ranks = torch.rand(batch, num_patches, generator=generator).argsort(dim=1).argsort(dim=1)  # random rank of each patch
+    return ranks < (r * num_patches).round()
+
+
+# ----------------------------------------------------------------------------------------------
+# Heads and the student/teacher pair
+# ----------------------------------------------------------------------------------------------
+class DINOHead(nn.Module):
+    """Projection head: an MLP to a bottleneck, L2 normalisation, then K unit-norm prototypes
+    (DINO's weight-normalised last layer with its norm fixed to 1). Output: (..., K) cosines."""
+
+    def __init__(self, in_dim: int, out_dim: int = 1024, hidden_dim: int = 512, bottleneck_dim: int = 64, n_layers: int = 3):
+        super().__init__()
+        if n_layers < 1:
+            raise ValueError(f"n_layers must be at least 1, got {n_layers}")
+        dims = [in_dim] + [hidden_dim] * (n_layers - 1) + [bottleneck_dim]
+        layers: list[nn.Module] = []
+        for i in range(n_layers):
+            layers.append(nn.Linear(dims[i], dims[i + 1]))
+            if i < n_layers - 1:
+                layers.append(nn.GELU())
+        self.mlp = nn.Sequential(*layers)
+        self.prototypes = nn.Linear(bottleneck_dim, out_dim, bias=False)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = F.normalize(self.mlp(x), dim=-1)  # (..., bottleneck) on the unit sphere
+        return z @ F.normalize(self.prototypes.weight, dim=-1).T  # (..., K)
+
+
+def masked_forward_features(backbone: ViT, images: torch.Tensor, mask: torch.Tensor | None = None, mask_token: torch.Tensor | None = None) -> torch.Tensor:
+    """Backbone tokens (B, prefix + registers + N, D) with the masked patches replaced.
+
+    As in iBOT and DINOv2 (and transformers' `bool_masked_pos`), a masked patch's embedding is
+    replaced by the learned `mask_token` (1, 1, D) *before* its position embedding is added.
+    mask: (B, N) bool, True = masked.
+    """
+    if mask is None:
+        return backbone.forward_features(images)
+    if mask_token is None:
+        raise ValueError("a mask needs a mask_token of shape (1, 1, D)")
+    x = backbone.embed(images)  # (B, P + R + N, D), positions already added
+    skip, P = backbone.num_skip_tokens, backbone.config.num_prefix_tokens
+    if mask.shape != (x.shape[0], x.shape[1] - skip):
+        raise ValueError(f"mask has shape {tuple(mask.shape)}, expected {(x.shape[0], x.shape[1] - skip)} (B, patches)")
+    grid = (images.shape[2] // backbone.patch_embed.patch_size[0], images.shape[3] // backbone.patch_embed.patch_size[1])
+    pos = backbone.position_embedding(grid)
+    masked = mask_token.reshape(1, 1, -1) + (pos[:, P:] if pos is not None else 0)  # (1, N, D) or (1, 1, D)
+    patches = torch.where(mask[..., None], masked.to(x.dtype), x[:, skip:])
+    x = torch.cat([x[:, :skip], patches], dim=1)
+    for block in backbone.blocks:
+        x = block(x)
+    return backbone.norm(x)
+
+
+@dataclass
+class DINOConfig:
+    out_dim: int = 1024  # K prototypes (DINO: 65536)
+    hidden_dim: int = 512  # head MLP width (DINO: 2048)
+    bottleneck_dim: int = 64  # (DINO: 256)
+    head_layers: int = 3
+    tau_s: float = 0.1
+    tau_t: float = 0.04  # after warmup
+    tau_t_start: float = 0.04  # teacher temperature at step 0, warmed up linearly to tau_t
+    tau_t_warmup_steps: int = 0
+    centering: str = "center"  # "center" (DINO) | "sinkhorn" (DINOv2) | "none"
+    center_momentum: float = 0.9
+    momentum: float = 0.996  # EMA momentum at step 0, cosine schedule to momentum_final
+    momentum_final: float = 1.0
+    n_global: int = 2
+    n_local: int = 4
+    global_size: int = 32
+    local_size: int = 16
+    global_scale: tuple[float, float] = (0.4, 1.0)
+    local_scale: tuple[float, float] = (0.05, 0.4)
+    jitter: float = 0.4
+    ibot_weight: float = 0.0  # DINOv2: masked-patch loss with its own (untied) head
+    mask_ratio: tuple[float, float] = (0.1, 0.5)
+    koleo_weight: float = 0.0  # DINOv2: 0.1
+    gram_weight: float = 0.0  # DINOv3: Gram anchoring against a frozen earlier teacher
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.centering not in ("center", "sinkhorn", "none"):
+            raise ValueError(f"centering must be 'center', 'sinkhorn' or 'none', got {self.centering!r}")
+        if self.tau_s <= 0 or self.tau_t <= 0 or self.tau_t_start <= 0:
+            raise ValueError("temperatures must be positive")
+        if not 0.0 <= self.momentum <= 1.0:
+            raise ValueError(f"the EMA momentum must lie in [0, 1], got {self.momentum}")
+
+
+class DINO(nn.Module):
+    """A student (backbone + DINO head [+ iBOT head]) and its EMA teacher, with the center."""
+
+    def __init__(self, backbone: ViT, config: DINOConfig | None = None):
+        super().__init__()
+        self.config = c = config or DINOConfig()
+        D = backbone.config.dim
+        heads = {"backbone": backbone, "head": DINOHead(D, c.out_dim, c.hidden_dim, c.bottleneck_dim, c.head_layers)}
+        if c.ibot_weight > 0:
+            heads["ibot_head"] = DINOHead(D, c.out_dim, c.hidden_dim, c.bottleneck_dim, c.head_layers)
+        self.student = nn.ModuleDict(heads)
+        self.teacher = copy.deepcopy(self.student).requires_grad_(False)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, D)) if c.ibot_weight > 0 else None
+        self.gram_teacher = copy.deepcopy(backbone).requires_grad_(False) if c.gram_weight > 0 else None
+        self.register_buffer("center", torch.zeros(c.out_dim))
+        self.register_buffer("patch_center", torch.zeros(c.out_dim))
+
+    def no_weight_decay(self) -> set[str]:
+        return {f"student.backbone.{n}" for n in self.student.backbone.no_weight_decay()} | {"mask_token"}
+
+    def train(self, mode: bool = True) -> "DINO":
+        super().train(mode)
+        self.teacher.eval()  # the teacher never uses dropout or drop path
+        if self.gram_teacher is not None:
+            self.gram_teacher.eval()
+        return self
+
+    @torch.no_grad()
+    def update_teacher(self, momentum: float) -> None:
+        ema_update(self.teacher, self.student, momentum)
+
+    @torch.no_grad()
+    def refresh_gram_teacher(self) -> None:
+        """DINOv3 resets the Gram teacher to the current EMA teacher every so often."""
+        if self.gram_teacher is not None:
+            self.gram_teacher.load_state_dict(self.teacher.backbone.state_dict())
+
+    def _teacher_targets(self, logits: torch.Tensor, center: torch.Tensor, tau_t: float) -> torch.Tensor:
+        if self.config.centering == "sinkhorn":
+            return sinkhorn_knopp(logits.reshape(-1, logits.shape[-1]), tau_t).reshape(logits.shape)
+        if self.config.centering == "none":
+            center = torch.zeros_like(center)
+        return teacher_probs(logits, center, tau_t)
+
+    def loss(self, views: Sequence[torch.Tensor], tau_t: float | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+        """Total loss on a list of views (the n_global global crops first) and a dict of
+        diagnostics. The centers are updated after the loss is computed, from this batch."""
+        c = self.config
+        tau_t = c.tau_t if tau_t is None else tau_t
+        if len(views) < c.n_global:
+            raise ValueError(f"got {len(views)} views but the config has {c.n_global} global crops: pass the globals first, then the locals")
+        B, skip = views[0].shape[0], self.student.backbone.num_skip_tokens
+        globals_ = torch.cat(list(views[: c.n_global]))  # (n_global*B, C, H, W), view-major
+        with torch.no_grad():
+            t_tokens = self.teacher.backbone.forward_features(globals_)  # (n_global*B, T, D)
+            t_logits = self.teacher.head(t_tokens[:, 0]).reshape(c.n_global, B, -1)  # (V_t, B, K)
+            p_t = self._teacher_targets(t_logits, self.center, tau_t)
+        mask = None
+        if c.ibot_weight > 0:
+            mask = random_patch_mask(globals_.shape[0], t_tokens.shape[1] - skip, c.mask_ratio).to(globals_.device)
+        s_tokens = masked_forward_features(self.student.backbone, globals_, mask, self.mask_token)
+        s_cls = [s_tokens[:, 0]]
+        if len(views) > c.n_global:  # local crops share one size: one forward pass for all of them
+            s_cls.append(self.student.backbone.forward_features(torch.cat(list(views[c.n_global :])))[:, 0])
+        s_logits = self.student.head(torch.cat(s_cls)).reshape(len(views), B, -1)  # (V_s, B, K)
+        loss_dino = multicrop_cross_entropy(s_logits, p_t, c.tau_s)
+        total, stats = loss_dino, {"dino": loss_dino.item()}
+        if c.ibot_weight > 0:
+            with torch.no_grad():
+                t_patch = self.teacher.ibot_head(t_tokens[:, skip:])  # (n_global*B, N, K)
+                p_patch = self._teacher_targets(t_patch, self.patch_center, tau_t)
+            loss_ibot = masked_cross_entropy(self.student.ibot_head(s_tokens[:, skip:]), p_patch, mask, c.tau_s)
+            total = total + c.ibot_weight * loss_ibot
+            stats["ibot"] = loss_ibot.item()
+            self.patch_center.copy_(update_center(self.patch_center, t_patch[mask], c.center_momentum))
+        if c.koleo_weight > 0:  # on the student's CLS features, per global view (DINOv2)
+            loss_koleo = torch.stack([koleo_loss(x) for x in s_tokens[:, 0].split(B)]).mean()
+            total = total + c.koleo_weight * loss_koleo
+            stats["koleo"] = loss_koleo.item()
+        if c.gram_weight > 0:  # on the patch features of the global crops (DINOv3)
+            with torch.no_grad():
+                g_tokens = self.gram_teacher.forward_features(globals_)
+            loss_gram = gram_loss(s_tokens[:, skip:], g_tokens[:, skip:])
+            total = total + c.gram_weight * loss_gram
+            stats["gram"] = loss_gram.item()
+        self.center.copy_(update_center(self.center, t_logits, c.center_momentum))
+        stats["teacher_entropy"] = entropy(p_t).mean().item()  # per image: 0 when one-hot
+        stats["marginal_entropy"] = entropy(p_t.reshape(-1, p_t.shape[-1]).mean(0)).item()  # of the batch mean
+        stats["kl"] = stats["dino"] - stats["teacher_entropy"]  # H(P_t, P_s) = H(P_t) + KL(P_t || P_s)
+        stats["loss"] = total.item()
+        return total, stats
+
+    @classmethod
+    def from_hf(cls, source, config: DINOConfig | None = None, **overrides) -> "DINO":
+        """A DINO whose student and teacher backbones are a transformers Dinov2Model or
+        Dinov2WithRegistersModel (instance, save_pretrained folder or hub id); its mask token
+        becomes the iBOT mask token when config.ibot_weight > 0. The heads start fresh: the
+        released checkpoints do not include them."""
+        hf_config, state = load_hf_checkpoint(source)
+        vit_config = config_from_hf(hf_config, state, **overrides)
+        backbone = ViT(vit_config)
+        converted = convert_hf_state_dict(state, vit_config)
+        load_state_dict_checked(backbone, converted, source=source if isinstance(source, str) else type(source).__name__)
+        model = cls(backbone, config)
+        key = next((k for k in state if k.endswith("embeddings.mask_token")), None)
+        if model.mask_token is not None and key is not None:
+            with torch.no_grad():
+                model.mask_token.copy_(state[key].reshape(1, 1, -1))
+        return model
+
+
+# ----------------------------------------------------------------------------------------------
+# Training and evaluation
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class DINOHistory:
+    step: list[int] = field(default_factory=list)
+    stats: dict[str, list[float]] = field(default_factory=dict)
+    eval_step: list[int] = field(default_factory=list)
+    eval: list[float] = field(default_factory=list)
+    images_per_s: float = 0.0
+    seconds: float = 0.0
+
+    @property
+    def loss(self) -> list[float]:
+        return self.stats.get("loss", [])
+
+
+def train_dino(
+    model: DINO,
+    images: torch.Tensor,
+    *,
+    steps: int = 100,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    weight_decay: float = 0.04,
+    warmup: float = 0.1,
+    clip_grad: float | None = 3.0,
+    gram_refresh_every: int = 0,
+    eval_fn: Callable[[DINO], float] | None = None,
+    eval_every: int = 0,
+    seed: int = 0,
+    progress: bool = True,
+    log_every: int = 1,
+) -> DINOHistory:
+    """Train `model` on unlabelled `images` (N, C, H, W) in [0, 1] for `steps` steps.
+
+    Each step: multi-crop views, the loss (center updated inside), AdamW on the student with
+    warmup + cosine learning rate, then the EMA teacher update with the cosine momentum schedule
+    and the teacher-temperature warmup. `eval_fn(model)` (e.g. a kNN accuracy) is recorded every
+    `eval_every` steps. Runs in one process; the center and Sinkhorn-Knopp reduce over processes
+    when torch.distributed is initialised.
+    """
+    from tqdm.auto import tqdm
+
+    c = model.config
+    device = next(model.parameters()).device
+    model.train()
+    opt = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_schedule(steps, int(warmup * steps)))
+    gen = torch.Generator().manual_seed(seed)
+    hist = DINOHistory()
+    start = time.perf_counter()
+
+    def record_eval(step: int) -> None:
+        if eval_fn is not None:
+            hist.eval_step.append(step)
+            hist.eval.append(float(eval_fn(model)))
+            model.train()
+
+    if eval_fn is not None and eval_every:
+        record_eval(0)
+    for step in tqdm(range(steps), desc="DINO", disable=not progress, leave=True):
+        idx = torch.randint(0, images.shape[0], (batch_size,), generator=gen)
+        views = multi_crop(images[idx], c.n_global, c.n_local, c.global_size, c.local_size, c.global_scale, c.local_scale, c.jitter, gen)
+        views = [v.to(device) for v in views]
+        tau_t = teacher_temperature(step, c.tau_t_warmup_steps, c.tau_t_start, c.tau_t)
+        loss, stats = model.loss(views, tau_t)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip_grad:
+            torch.nn.utils.clip_grad_norm_(model.student.parameters(), clip_grad)
+        opt.step()
+        sched.step()
+        model.update_teacher(teacher_momentum(step, steps, c.momentum, c.momentum_final))
+        if gram_refresh_every and (step + 1) % gram_refresh_every == 0:
+            model.refresh_gram_teacher()
+        if step % log_every == 0 or step == steps - 1:
+            hist.step.append(step + 1)
+            for k, v in stats.items():
+                hist.stats.setdefault(k, []).append(v)
+        if eval_every and (step + 1) % eval_every == 0:
+            record_eval(step + 1)
+    hist.seconds = time.perf_counter() - start
+    hist.images_per_s = steps * batch_size / hist.seconds
+    model.eval()
+    return hist
+
+
+@torch.no_grad()
+def extract_features(backbone: ViT, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """L2-normalised CLS features (N, D) of a frozen backbone, in eval mode."""
+    was_training = backbone.training
+    backbone.eval()
+    device = next(backbone.parameters()).device
+    feats = [backbone.forward_features(images[i : i + batch_size].to(device))[:, 0] for i in range(0, images.shape[0], batch_size)]
+    backbone.train(was_training)
+    return F.normalize(torch.cat(feats), dim=-1).cpu()
+
+
+def knn_accuracy(
+    train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor, test_labels: torch.Tensor, k: int = 20, T: float = 0.07
+) -> float:
+    """Weighted k-nearest-neighbour accuracy on L2-normalised features (DINO's evaluation,
+    after Wu et al., 2018): the k most cosine-similar training images vote for their label with
+    weight exp(similarity / T)."""
+    k = min(k, train_features.shape[0])
+    sims = F.normalize(test_features, dim=-1) @ F.normalize(train_features, dim=-1).T  # (N_test, N_train)
+    top, idx = sims.topk(k, dim=1)  # (N_test, k)
+    n_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    votes = torch.zeros(test_features.shape[0], n_classes).scatter_add_(1, train_labels[idx], (top / T).exp())
+    return (votes.argmax(dim=1) == test_labels).float().mean().item()
+
+
+@torch.no_grad()
+def cls_attention_maps(backbone: ViT, images: torch.Tensor) -> torch.Tensor:
+    """Last-layer attention of the CLS token to the patches (DINO Fig. 1): (B, heads, gh, gw).
+
+    Register tokens are left out; each map is renormalised to sum to 1 over the patches."""
+    _, maps = backbone.eval().forward_features(images, return_attention=True)
+    attn = maps[-1][:, :, 0, backbone.num_skip_tokens :]  # (B, heads, N)
+    attn = attn / attn.sum(dim=-1, keepdim=True)
+    gh, gw = images.shape[2] // backbone.patch_embed.patch_size[0], images.shape[3] // backbone.patch_embed.patch_size[1]
+    return attn.reshape(*attn.shape[:2], gh, gw)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sizes
+# ----------------------------------------------------------------------------------------------
+def dino_scenes(**config_kw) -> DINO:
+    """The course's small DINO for 32x32 scenes: ViT width 96, depth 4, patch 4, 4 heads."""
+    backbone = ViT(ViTConfig(image_size=32, patch_size=4, num_classes=0, dim=96, depth=4, num_heads=4, mlp_ratio=2.0))
+    return DINO(backbone, DINOConfig(**config_kw))
+
+
+def dino_vit_small(**config_kw) -> DINO:
+    """DINO's ViT-S/16 at 224 with its head: K = 65536, hidden 2048, bottleneck 256 (Caron et al., 2021)."""
+    backbone = ViT(ViTConfig(image_size=224, patch_size=16, num_classes=0, dim=384, depth=12, num_heads=6))
+    kw = dict(out_dim=65536, hidden_dim=2048, bottleneck_dim=256, global_size=224, local_size=96, n_local=8)
+    return DINO(backbone, DINOConfig(**{**kw, **config_kw}))
+
+
+def dino_vit_base(**config_kw) -> DINO:
+    """DINO's ViT-B/16 at 224 with its head (Caron et al., 2021)."""
+    backbone = ViT(ViTConfig(image_size=224, patch_size=16, num_classes=0, dim=768, depth=12, num_heads=12))
+    kw = dict(out_dim=65536, hidden_dim=2048, bottleneck_dim=256, global_size=224, local_size=96, n_local=8)
+    return DINO(backbone, DINOConfig(**{**kw, **config_kw}))

@@ -1,0 +1,383 @@
+"""course_lib.dino: the DINO / DINOv2 / DINOv3 losses on hand-checkable tensors, the teacher's
+schedules and EMA, multi-crop, the trainer, and parity of the backbone (mask token included) with
+transformers Dinov2Model and Dinov2WithRegistersModel on random weights."""
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import randomize_, report_diff
+
+from course_lib import dino
+from course_lib.layers import use_explicit_attention
+from course_lib.vit import ViT, ViTConfig
+
+transformers = pytest.importorskip("transformers")
+
+
+# ----------------------------------------------------------------------------------------------
+# The DINO loss, the center, Sinkhorn-Knopp
+# ----------------------------------------------------------------------------------------------
+def _close(name, got, expected, tol=1e-5):
+    diff = (got - expected).abs().max().item()
+    print(f"[check] {name}: {got.item():.6f} vs {expected.item():.6f}, diff {diff:.1e}")
+    assert expected.abs() > 1e-3 and diff <= tol * max(1.0, expected.abs().item())
+
+
+def _loop_dino_loss(s, t, center, tau_s, tau_t):
+    """The loss as written in the official repository: two loops, skip iq == v."""
+    total, n = 0.0, 0
+    for iq in range(t.shape[0]):
+        q = F.softmax((t[iq] - center) / tau_t, dim=-1)
+        for v in range(s.shape[0]):
+            if v == iq:
+                continue
+            total = total + (-q * F.log_softmax(s[v] / tau_s, dim=-1)).sum(-1).mean()
+            n += 1
+    return total / n
+
+
+def test_dino_loss_uniform_student_is_ln_K():
+    K = 8
+    s, t = torch.zeros(3, 4, K), torch.randn(2, 4, K)  # a uniform student: log P_s = -ln K everywhere
+    assert math.isclose(dino.dino_loss(s, t, torch.zeros(K)).item(), math.log(K), rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("V_s,V_t,B,K", [(2, 2, 3, 5), (6, 2, 4, 16), (3, 1, 2, 7)])
+def test_dino_loss_matches_the_loop_and_skips_same_view_pairs(V_s, V_t, B, K):
+    s, t, c = torch.randn(V_s, B, K), torch.randn(V_t, B, K), torch.randn(K)
+    got = dino.dino_loss(s, t, c, 0.1, 0.04)
+    _close(f"dino_loss V_s={V_s} V_t={V_t}", got, _loop_dino_loss(s, t, c, 0.1, 0.04))
+    # Lists of views give the same number.
+    assert torch.allclose(dino.dino_loss(list(s), list(t), c, 0.1, 0.04), got)
+
+
+def test_dino_loss_skips_same_view_pairs():
+    # Two views, K=2. Teacher view 0 is one-hot on class 0, view 1 on class 1. The student copies
+    # the teacher on each view, so only the crossed pairs (0,1) and (1,0) count, and they are wrong.
+    t = torch.tensor([[[100.0, 0.0]], [[0.0, 100.0]]])  # (2 views, 1 image, 2)
+    s = t.clone()
+    expected = -F.log_softmax(torch.tensor([0.0, 100.0]) / 0.1, 0)[0]  # -log P_s(class 0) on view 1
+    assert torch.allclose(dino.dino_loss(s, t, torch.zeros(2), 0.1, 0.04), expected)
+
+
+def test_dino_loss_gradient_flows_to_the_student_only():
+    s = torch.randn(4, 2, 6, requires_grad=True)
+    t = torch.randn(2, 2, 6, requires_grad=True)
+    dino.dino_loss(s, t, torch.zeros(6)).backward()
+    assert s.grad is not None and s.grad.abs().sum() > 0
+    assert t.grad is None  # stop-gradient on the teacher
+
+
+def test_centering_and_sharpening_by_hand():
+    t = torch.tensor([[1.0, 0.0], [3.0, 0.0]])
+    p = dino.teacher_probs(t, torch.tensor([2.0, 0.0]), 1.0)
+    assert torch.allclose(p[0], torch.softmax(torch.tensor([-1.0, 0.0]), 0))
+    assert torch.allclose(p[1], torch.softmax(torch.tensor([1.0, 0.0]), 0))
+    sharp = dino.teacher_probs(torch.tensor([[1.0, 0.0]]), torch.zeros(2), 0.01)
+    assert sharp[0, 0] > 0.999  # a low temperature makes it one-hot
+
+
+@pytest.mark.parametrize(
+    "s,t,c,match",
+    [
+        (torch.zeros(1, 2, 4), torch.zeros(2, 2, 4), torch.zeros(4), "2 teacher views but only 1 student views"),
+        (torch.zeros(3, 2, 4), torch.zeros(2, 3, 4), torch.zeros(4), "same batch and K"),
+        (torch.zeros(3, 2, 4), torch.zeros(2, 2, 4), torch.zeros(5), r"expected \(4,\)"),
+        (torch.zeros(1, 2, 4), torch.zeros(1, 2, 4), torch.zeros(4), "at least 2 crops"),
+        (torch.zeros(2, 4), torch.zeros(2, 2, 4), torch.zeros(4), r"\(views, B, K\)"),
+    ],
+)
+def test_dino_loss_errors(s, t, c, match):
+    with pytest.raises(ValueError, match=match):
+        dino.dino_loss(s, t, c)
+
+
+def test_update_center_by_hand():
+    center = torch.tensor([1.0, 0.0])
+    t = torch.tensor([[[2.0, 4.0], [4.0, 0.0]]])  # (1 view, 2 images, K=2): batch mean (3, 2)
+    new = dino.update_center(center, t, momentum=0.9)
+    assert torch.allclose(new, torch.tensor([0.9 * 1 + 0.1 * 3, 0.1 * 2]))
+    assert torch.equal(center, torch.tensor([1.0, 0.0]))  # pure: the old center is untouched
+    assert torch.allclose(dino.update_center(center, t, momentum=0.0), torch.tensor([3.0, 2.0]))
+
+
+def test_sinkhorn_knopp_balances_prototypes():
+    logits = torch.randn(64, 8) * 0.5
+    logits[:, 0] += 2.0  # one prototype would dominate a plain softmax
+    assert F.softmax(logits / 0.1, -1).sum(0)[0] > 40  # a softmax gives prototype 0 most of the mass
+    q = dino.sinkhorn_knopp(logits, tau_t=0.1, n_iters=3)  # DINOv2's 3 iterations
+    assert torch.allclose(q.sum(1), torch.ones(64), atol=1e-5)  # every row is a distribution
+    assert q.sum(0).max() < 16  # mass per prototype close to 64 / 8 = 8
+    q = dino.sinkhorn_knopp(logits, tau_t=0.5, n_iters=20)
+    assert torch.allclose(q.sum(0), torch.full((8,), 64 / 8), rtol=0.01)  # converged: equal mass
+
+
+def test_distributed_helpers_are_noops_in_one_process():
+    assert not torch.distributed.is_initialized()
+    x = torch.randn(5)
+    assert dino.all_reduce_mean(x) is x and dino.all_reduce_sum(x) is x
+
+
+# ----------------------------------------------------------------------------------------------
+# Teacher: schedules and EMA
+# ----------------------------------------------------------------------------------------------
+def test_schedules_endpoints():
+    assert dino.teacher_momentum(0, 100, 0.996, 1.0) == pytest.approx(0.996)
+    assert dino.teacher_momentum(50, 100, 0.996, 1.0) == pytest.approx(0.998)
+    assert dino.teacher_momentum(100, 100, 0.996, 1.0) == pytest.approx(1.0)
+    assert dino.teacher_temperature(0, 10, 0.04, 0.07) == pytest.approx(0.04)
+    assert dino.teacher_temperature(5, 10, 0.04, 0.07) == pytest.approx(0.055)
+    assert dino.teacher_temperature(30, 10, 0.04, 0.07) == pytest.approx(0.07)
+    assert dino.teacher_temperature(0, 0, 0.04, 0.07) == pytest.approx(0.07)
+
+
+def test_ema_update():
+    student = torch.nn.Linear(3, 2)
+    teacher = copy.deepcopy(student)
+    with torch.no_grad():
+        teacher.weight.fill_(1.0)
+        teacher.bias.fill_(1.0)
+        student.weight.fill_(3.0)
+        student.bias.fill_(-1.0)
+    dino.ema_update(teacher, student, 0.75)
+    assert torch.allclose(teacher.weight, torch.full((2, 3), 1.5)) and torch.allclose(teacher.bias, torch.full((2,), 0.5))
+    dino.ema_update(teacher, student, 1.0)  # momentum 1: frozen teacher
+    assert torch.allclose(teacher.weight, torch.full((2, 3), 1.5))
+    dino.ema_update(teacher, student, 0.0)  # momentum 0: a copy of the student
+    assert torch.equal(teacher.weight, student.weight)
+    with pytest.raises(ValueError, match="different parameters"):
+        dino.ema_update(torch.nn.Linear(3, 2, bias=False), student, 0.5)
+    with pytest.raises(ValueError, match="teacher"):
+        dino.ema_update(torch.nn.Linear(4, 2), student, 0.5)
+
+
+# ----------------------------------------------------------------------------------------------
+# KoLeo, iBOT, Gram anchoring
+# ----------------------------------------------------------------------------------------------
+def test_koleo_by_hand_and_errors():
+    x = torch.tensor([[1.0, 0.0], [0.0, 2.0], [-3.0, 0.0]])  # normalised: (1,0), (0,1), (-1,0)
+    # every nearest neighbour is at distance sqrt(2)
+    assert dino.koleo_loss(x).item() == pytest.approx(-math.log(math.sqrt(2)), rel=1e-6)
+    y = torch.tensor([[1.0, 0.0], [1.0, 0.1], [0.0, 1.0]])  # two close points dominate the loss
+    d = torch.tensor([F.normalize(y[0], dim=0).sub(F.normalize(y[1], dim=0)).norm()] * 2 + [(F.normalize(y[1], dim=0) - y[2]).norm()])
+    assert dino.koleo_loss(y).item() == pytest.approx(-(d + 1e-8).log().mean().item(), rel=1e-5)
+    assert torch.isfinite(dino.koleo_loss(torch.ones(4, 3)))  # duplicates: large but finite
+    with pytest.raises(ValueError, match="batch of 1"):
+        dino.koleo_loss(torch.randn(1, 8))
+    with pytest.raises(ValueError, match=r"\(B, D\)"):
+        dino.koleo_loss(torch.randn(4))
+
+
+def test_koleo_spreading_lowers_the_loss():
+    clustered = torch.randn(32, 16) * 0.05 + torch.ones(16)
+    spread = torch.randn(32, 16)
+    assert dino.koleo_loss(spread) < dino.koleo_loss(clustered)
+
+
+def test_ibot_patch_loss_only_counts_masked_patches():
+    B, N, K = 2, 5, 7
+    s, t, c = torch.randn(B, N, K), torch.randn(B, N, K), torch.randn(K)
+    mask = torch.tensor([[True, False, True, False, False], [False, False, False, False, False]])
+    got = dino.ibot_patch_loss(s, t, mask, c, 0.1, 0.04)
+    q = F.softmax((t[0] - c) / 0.04, -1)
+    ce = -(q * F.log_softmax(s[0] / 0.1, -1)).sum(-1)
+    expected = (ce[0] + ce[2]) / 2 / 2  # image 0: mean over its 2 masked patches; image 1 adds 0
+    _close("ibot_patch_loss", got, expected)
+    s2 = s.clone()
+    s2[0, 1] += 10  # an unmasked patch does not matter
+    assert torch.allclose(dino.ibot_patch_loss(s2, t, mask, c, 0.1, 0.04), got)
+    with pytest.raises(ValueError, match="must agree"):
+        dino.ibot_patch_loss(s, t, mask[:, :3], c)
+
+
+def test_gram_loss_ignores_rotations_but_not_structure():
+    x = torch.randn(2, 6, 8)
+    q, _ = torch.linalg.qr(torch.randn(8, 8))  # an orthogonal matrix
+    assert dino.gram_loss(x, x).item() == 0.0
+    assert dino.gram_loss(x @ q, x).item() < 1e-10  # rotated features, same similarities: no cost
+    assert dino.gram_loss(3 * x, x).item() < 1e-10  # and L2 normalisation removes the scale
+    assert dino.gram_loss(torch.randn(2, 6, 8), x).item() > 0.01
+    a = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])  # Gram = identity
+    b = torch.tensor([[[1.0, 0.0], [1.0, 0.0]]])  # Gram = all ones
+    assert dino.gram_loss(a, b).item() == pytest.approx(0.5)  # two entries differ by 1, of four
+    with pytest.raises(ValueError, match=r"\(B, P, D\)"):
+        dino.gram_loss(torch.randn(6, 8), torch.randn(6, 8))
+
+
+# ----------------------------------------------------------------------------------------------
+# Multi-crop
+# ----------------------------------------------------------------------------------------------
+def test_crop_resize_full_box_is_identity_and_flip_mirrors():
+    x = torch.rand(2, 3, 8, 8)
+    full = torch.tensor([[0.0, 0.0, 2.0, 2.0]] * 2)
+    assert torch.allclose(dino.crop_resize(x, full, 8), x, atol=1e-6)
+    flipped = dino.crop_resize(x, full, 8, torch.tensor([True, False]))
+    assert torch.allclose(flipped[0], x[0].flip(-1), atol=1e-6) and torch.allclose(flipped[1], x[1], atol=1e-6)
+    top_left = torch.tensor([[-0.5, -0.5, 1.0, 1.0]] * 2)  # centre (-0.5, -0.5), half the side
+    assert torch.allclose(dino.crop_resize(x, top_left, 4), x[:, :, :4, :4], atol=1e-6)
+
+
+def test_multi_crop_shapes_range_and_determinism():
+    x = torch.rand(3, 3, 32, 32)
+    views = dino.multi_crop(x, 2, 3, 32, 16, generator=torch.Generator().manual_seed(0))
+    assert [tuple(v.shape) for v in views] == [(3, 3, 32, 32)] * 2 + [(3, 3, 16, 16)] * 3
+    assert all(v.min() >= 0 and v.max() <= 1 for v in views)
+    again = dino.multi_crop(x, 2, 3, 32, 16, generator=torch.Generator().manual_seed(0))
+    assert all(torch.equal(a, b) for a, b in zip(views, again))
+    boxes = dino.crop_boxes(1000, (0.05, 0.4), generator=torch.Generator().manual_seed(1))
+    area = boxes[:, 2] * boxes[:, 3] / 4
+    assert area.max() <= 0.4 + 1e-6 and area.min() >= 0.05 * 0.75 - 1e-6  # clamping only shrinks
+    assert (boxes[:, 0].abs() + boxes[:, 2] / 2 <= 1 + 1e-6).all()  # boxes stay inside the image
+    with pytest.raises(ValueError, match="n_global"):
+        dino.multi_crop(x, 0, 2)
+
+
+def test_random_patch_mask_ratio():
+    m = dino.random_patch_mask(4, 100, (0.3, 0.3), torch.Generator().manual_seed(0))
+    assert m.dtype == torch.bool and m.shape == (4, 100) and (m.sum(1) == 30).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# Head, model, trainer, evaluation
+# ----------------------------------------------------------------------------------------------
+def test_head_outputs_cosines():
+    head = dino.DINOHead(16, out_dim=10, hidden_dim=32, bottleneck_dim=8)
+    with torch.no_grad():
+        head.prototypes.weight.mul_(100)  # the prototypes' norm does not matter
+    out = head(torch.randn(5, 16))
+    assert out.shape == (5, 10) and out.abs().max() <= 1 + 1e-6
+
+
+def _tiny(**kw):
+    backbone = ViT(ViTConfig(image_size=16, patch_size=4, num_classes=0, dim=16, depth=1, num_heads=2, num_registers=kw.pop("registers", 0)))
+    cfg = dict(out_dim=12, hidden_dim=16, bottleneck_dim=8, global_size=16, local_size=8, n_local=2)
+    return dino.DINO(backbone, dino.DINOConfig(**{**cfg, **kw}))
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [dict(), dict(centering="sinkhorn"), dict(ibot_weight=1.0, koleo_weight=0.1, gram_weight=1.0, registers=2), dict(n_local=0)],
+)
+def test_trainer_runs_and_updates_teacher_and_center(kw):
+    torch.manual_seed(0)
+    model = _tiny(**kw)
+    images = torch.rand(16, 3, 16, 16)
+    teacher_before = copy.deepcopy(model.teacher.state_dict())
+    hist = dino.train_dino(model, images, steps=3, batch_size=8, progress=False, eval_fn=lambda m: 0.5, eval_every=3)
+    assert hist.step == [1, 2, 3] and all(math.isfinite(v) for v in hist.loss)
+    assert hist.eval_step == [0, 3] and hist.eval == [0.5, 0.5]
+    assert not torch.equal(model.teacher.head.mlp[0].weight, teacher_before["head.mlp.0.weight"])
+    assert all(not p.requires_grad for p in model.teacher.parameters())
+    assert model.center.abs().sum() > 0
+    for key in ("teacher_entropy", "marginal_entropy", "kl"):
+        assert key in hist.stats
+    if kw.get("ibot_weight"):
+        assert {"ibot", "koleo", "gram"} <= set(hist.stats) and model.patch_center.abs().sum() > 0
+
+
+def test_weight_decay_groups_and_config_errors():
+    from course_lib.layers import param_groups
+
+    model = _tiny(ibot_weight=1.0)
+    decay, no_decay = param_groups(model, 0.04)
+    ids = {id(p) for p in no_decay["params"]}
+    assert id(model.student.backbone.cls_token) in ids and id(model.mask_token) in ids
+    assert id(model.student.backbone.pos_embed) in ids
+    all_ids = {id(p) for g in (decay, no_decay) for p in g["params"]}
+    assert not any(id(p) in all_ids for p in model.teacher.parameters())  # the teacher is not optimised
+    with pytest.raises(ValueError, match="centering"):
+        dino.DINOConfig(centering="mean")
+    with pytest.raises(ValueError, match="global crops"):
+        model.loss([torch.rand(2, 3, 16, 16)])
+
+
+def test_knn_accuracy_and_attention_maps():
+    centers = F.normalize(torch.randn(3, 8), dim=-1)
+    labels = torch.arange(3).repeat(10)
+    feats = centers[labels] + 0.01 * torch.randn(30, 8)
+    assert dino.knn_accuracy(feats, labels, feats[:9], labels[:9], k=5) == 1.0
+    model = _tiny(registers=2)
+    maps = dino.cls_attention_maps(model.teacher.backbone, torch.rand(2, 3, 16, 16))
+    assert maps.shape == (2, 2, 4, 4) and torch.allclose(maps.sum((-2, -1)), torch.ones(2, 2))
+    assert dino.extract_features(model.teacher.backbone, torch.rand(5, 3, 16, 16), batch_size=2).shape == (5, 16)
+
+
+def test_factories_build():
+    m = dino.dino_scenes(out_dim=32, hidden_dim=32)
+    assert m.student.backbone.config.dim == 96 and m.center.shape == (32,)
+
+
+# ----------------------------------------------------------------------------------------------
+# Parity with transformers Dinov2Model / Dinov2WithRegistersModel
+# ----------------------------------------------------------------------------------------------
+SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=4, mlp_ratio=2)
+SHAPES = [(2, 3, 32, 32), (1, 3, 24, 40), (1, 3, 48, 48), (1, 3, 16, 16), (1, 3, 16, 64)]
+
+
+@pytest.fixture(scope="module")
+def hf_dinov2():
+    torch.manual_seed(0)
+    return randomize_(transformers.Dinov2Model(transformers.Dinov2Config(**SMALL))).eval()
+
+
+@pytest.fixture(scope="module")
+def hf_dinov2_reg():
+    torch.manual_seed(0)
+    cfg = transformers.Dinov2WithRegistersConfig(**SMALL, num_register_tokens=4)
+    return randomize_(transformers.Dinov2WithRegistersModel(cfg)).eval()
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_dinov2_backbone_parity_with_interpolation(hf_dinov2, shape):
+    """Dinov2Model resamples its position table by bicubic interpolation without antialiasing
+    (upsampling 48x48, downsampling 16x16, non-square 24x40 and 16x64)."""
+    ours = ViT.from_hf(hf_dinov2).eval()
+    assert ours.config.num_registers == 0 and not ours.config.pos_antialias and ours.config.layer_scale is not None
+    x = torch.randn(shape)
+    with torch.no_grad():
+        ref = hf_dinov2(x).last_hidden_state
+        report_diff(f"Dinov2Model {shape}", ours.forward_features(x), ref)
+        report_diff(f"Dinov2Model {shape} explicit attention", use_explicit_attention(ours).forward_features(x), ref)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_dinov2_with_registers_parity_with_interpolation(hf_dinov2_reg, shape):
+    """Dinov2WithRegistersModel resamples with antialiasing, which changes downsampling only."""
+    ours = ViT.from_hf(hf_dinov2_reg).eval()
+    assert ours.config.num_registers == 4 and ours.config.pos_antialias
+    x = torch.randn(shape)
+    with torch.no_grad():
+        report_diff(f"Dinov2WithRegisters {shape}", ours.forward_features(x), hf_dinov2_reg(x).last_hidden_state)
+
+
+@pytest.mark.parametrize("which", ["plain", "registers"])
+def test_masked_forward_and_dino_from_hf_parity(hf_dinov2, hf_dinov2_reg, which, tmp_path):
+    """DINO.from_hf takes the backbone and the mask token; masking replaces a patch by the mask
+    token before its position embedding, as transformers' bool_masked_pos does. The on-disk names
+    of a save_pretrained folder load to the same numbers."""
+    hf = hf_dinov2 if which == "plain" else hf_dinov2_reg
+    cfg = dino.DINOConfig(out_dim=16, hidden_dim=16, ibot_weight=1.0)
+    x = torch.randn(2, 3, 24, 40)
+    mask = torch.rand(2, 60, generator=torch.Generator().manual_seed(0)) < 0.4
+    hf.save_pretrained(tmp_path)
+    for source in (hf, str(tmp_path)):
+        model = dino.DINO.from_hf(source, cfg).eval()
+        assert torch.equal(model.mask_token.reshape(-1), hf.embeddings.mask_token.reshape(-1))
+        with torch.no_grad():
+            ref = hf(x, bool_masked_pos=mask).last_hidden_state
+            name = f"{type(hf).__name__} masked, from {'memory' if source is hf else 'disk'}"
+            report_diff(name, dino.masked_forward_features(model.student.backbone, x, mask, model.mask_token), ref)
+            report_diff(name + " teacher", model.teacher.backbone.forward_features(x), hf(x).last_hidden_state)
+
+
+def test_masked_forward_errors():
+    backbone = ViT(ViTConfig(image_size=16, patch_size=4, num_classes=0, dim=16, depth=1, num_heads=2))
+    x = torch.rand(2, 3, 16, 16)
+    assert torch.equal(dino.masked_forward_features(backbone, x), backbone.forward_features(x))
+    with pytest.raises(ValueError, match="mask_token"):
+        dino.masked_forward_features(backbone, x, torch.zeros(2, 16, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"expected \(2, 16\)"):
+        dino.masked_forward_features(backbone, x, torch.zeros(2, 9, dtype=torch.bool), torch.zeros(1, 1, 16))
