@@ -37,3 +37,52 @@ def seed_everything(seed: int = 0) -> None:
 
 def count_params(model: torch.nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: safetensors weights with the model's config in the metadata
+# ----------------------------------------------------------------------------------------------
+CHECKPOINTS = __import__("pathlib").Path(__file__).parent / "checkpoints"
+
+
+def save_checkpoint(model: torch.nn.Module, path, **metadata: str) -> None:
+    """Save weights as safetensors, with `model.config` (a dataclass) as JSON in the metadata."""
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    meta = {"config": json.dumps(dataclasses.asdict(model.config)), **{k: str(v) for k, v in metadata.items()}}
+    save_file(state, str(path), metadata=meta)
+
+
+def load_checkpoint(path, model_cls, config_cls) -> tuple[torch.nn.Module, dict[str, str]]:
+    """Rebuild a model saved by `save_checkpoint`: returns (model in eval mode, metadata).
+
+    `path` may be a file or the name of a checkpoint shipped in course_lib/checkpoints/.
+    """
+    import json
+    from pathlib import Path
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from .layers import load_state_dict_checked
+
+    path = Path(path)
+    if not path.exists() and (CHECKPOINTS / path.name).exists():
+        path = CHECKPOINTS / path.name
+    if not path.exists():
+        shipped = sorted(p.name for p in CHECKPOINTS.glob("*.safetensors"))
+        raise FileNotFoundError(f"no checkpoint at {path}; shipped checkpoints: {shipped}")
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata() or {})
+    if "config" not in meta:
+        raise ValueError(f"{path} has no config in its metadata: was it written by save_checkpoint?")
+    model = model_cls(config_cls(**json.loads(meta.pop("config"))))
+    load_state_dict_checked(model, load_file(str(path)), source=str(path))
+    return model.eval(), meta

@@ -1,0 +1,64 @@
+"""Train the small DINO of lecture 05 on the scenes data and save its teacher backbone.
+
+    python scripts/train_dino.py                      # course_lib/checkpoints/dino_scenes.safetensors
+    python scripts/train_dino.py --steps 2 --out /tmp/x.safetensors   # a smoke test
+
+No labels are used for training. The labels of the scenes (the large object's shape) only serve
+the kNN evaluation that is printed along the way and stored, with the loss curve, in the file's
+metadata (JSON). The lecture loads it with `course_lib.utils.load_checkpoint(path, ViT, ViTConfig)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from course_lib import data, dino
+from course_lib.utils import save_checkpoint, seed_everything
+
+DEFAULT_OUT = Path(__file__).resolve().parents[1] / "course_lib" / "checkpoints" / "dino_scenes.safetensors"
+BACKBONE = dict(image_size=32, patch_size=4, num_classes=0, dim=64, depth=4, num_heads=4, mlp_ratio=2.0, num_registers=2)
+HEAD = dict(out_dim=256, hidden_dim=256, bottleneck_dim=64, momentum=0.99, tau_t=0.04, n_local=4, global_size=32, local_size=16, koleo_weight=0.1)
+
+
+def build() -> dino.DINO:
+    return dino.DINO(dino.ViT(dino.ViTConfig(**BACKBONE)), dino.DINOConfig(**HEAD))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--n-train", type=int, default=4000)
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    seed_everything(0)
+    train_x, _ = data.to_tensors(data.scenes(args.n_train, "train"))
+    knn_x, knn_y = data.to_tensors(data.scenes(1000, "train", seed=1))
+    test_x, test_y = data.to_tensors(data.scenes(500, "test"))
+
+    def knn(model: dino.DINO) -> float:
+        backbone = model.teacher.backbone
+        return dino.knn_accuracy(dino.extract_features(backbone, knn_x), knn_y, dino.extract_features(backbone, test_x), test_y)
+
+    model = build()
+    start = time.time()
+    hist = dino.train_dino(model, train_x, steps=args.steps, batch_size=args.batch_size, lr=args.lr, eval_fn=knn, eval_every=args.eval_every)
+    print(f"{args.steps} steps in {time.time() - start:.0f} s; kNN accuracy by step: {dict(zip(hist.eval_step, hist.eval))}")
+    history = {"step": hist.step, **{k: [round(v, 5) for v in vs] for k, vs in hist.stats.items()}, "eval_step": hist.eval_step, "knn": hist.eval}
+    save_checkpoint(model.teacher.backbone, args.out, dino_config=json.dumps(HEAD), history=json.dumps(history),
+                    steps=args.steps, batch_size=args.batch_size, train_images=args.n_train, seconds=round(hist.seconds))
+    print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.1f} MB)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""Project-level promises: conda and pip agree, the README shows the commands that work, the
+shipped checkpoint's training script still runs, CI calls the README's test command."""
+
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CONDA_NAMES = {"torch": "pytorch"}  # pip name -> conda-forge name where they differ
+
+
+def _split(req: str) -> tuple[str, str]:
+    m = re.match(r"^\s*([A-Za-z0-9_.\-]+)\s*(.*?)\s*$", req.split("#")[0])
+    return m.group(1).lower(), m.group(2).replace(" ", "")
+
+
+def test_environment_yml_mirrors_pyproject():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pip_reqs = project["dependencies"] + project["optional-dependencies"]["dev"]
+    pip = {CONDA_NAMES.get(n, n): spec for n, spec in map(_split, pip_reqs)}
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    conda = dict(_split(d) for d in env["dependencies"] if isinstance(d, str))
+    for extra in ("python", "pip", "nodejs"):
+        conda.pop(extra, None)
+    assert conda == pip, f"environment.yml and pyproject.toml disagree: {set(conda.items()) ^ set(pip.items())}"
+
+
+def test_readme_shows_the_commands_and_they_exist():
+    readme = (ROOT / "README.md").read_text()
+    makefile = (ROOT / "Makefile").read_text()
+    for target in ("book", "test", "lab", "labs"):
+        assert f"make {target}" in readme, f"README does not show `make {target}`"
+        assert re.search(rf"^{target}:", makefile, flags=re.M), f"Makefile has no `{target}` target"
+    assert readme.index("make book") < readme.index("make lab ") if "make lab " in readme else True
+    assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_readme_lecture_table_lists_every_lecture():
+    readme = (ROOT / "README.md").read_text()
+    for lecture in (ROOT / "lectures").glob("*.md"):
+        assert f"lectures/{lecture.name}" in readme, f"README's table misses lectures/{lecture.name}"
+
+
+def test_vit_checkpoint_script_runs(tmp_path):
+    """The shipped checkpoint is reproducible by its script: a two-step run must still work and
+    produce a checkpoint that load_checkpoint reads back."""
+    out = tmp_path / "vit.safetensors"
+    cmd = [sys.executable, str(ROOT / "scripts" / "train_vit_scenes.py"), "--epochs", "1", "--n", "128", "--out", str(out)]
+    subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, timeout=300)
+    from course_lib.utils import load_checkpoint
+    from course_lib.vit import ViT, ViTConfig
+
+    model, meta = load_checkpoint(out, ViT, ViTConfig)
+    assert meta["epochs"] == "1" and float(meta["test_accuracy"]) >= 0
+    shipped, shipped_meta = load_checkpoint("vit_scenes.safetensors", ViT, ViTConfig)
+    assert shipped.config == model.config, "the script's config and the shipped checkpoint's differ: rerun the script"
+    assert float(shipped_meta["test_accuracy"]) > 0.8, "the shipped ViT should be well trained"
