@@ -287,14 +287,32 @@ class CrossAttention(nn.Module):
         self.use_sdpa = True
 
     def forward(
-        self, x: torch.Tensor, media: torch.Tensor, mask: torch.Tensor | None = None, return_weights: bool = False
+        self, x: torch.Tensor, media: torch.Tensor, media_mask: torch.Tensor | None = None, return_weights: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x (B, T, dim), media (B, S, media_dim), mask (B, T, S) boolean or None -> (B, T, dim)."""
+        """x (B, T, dim), media (B, S, media_dim), media_mask (B, T, S) boolean (True = may attend;
+        None = all) -> (out (B, T, dim), weights (B, h, T, S) or None).
+
+        A token whose mask row is all False (text before the first image) gets a zero output.
+        """
+        mask, has_media = None, None
+        if media_mask is not None:
+            if media_mask.shape != (x.shape[0], x.shape[1], media.shape[1]):
+                raise ValueError(
+                    f"media_mask must be (batch, text tokens, visual tokens) = {(x.shape[0], x.shape[1], media.shape[1])}, "
+                    f"got {tuple(media_mask.shape)}: expand the per-image mask with expand_media_mask"
+                )
+            has_media = media_mask.any(-1)  # (B, T): False before the first image
+            # A row with no visible key would make softmax 0/0; let it see everything, zero it below.
+            mask = (media_mask | ~has_media[..., None])[:, None]  # (B, 1, T, S), broadcast over heads
         q = _split_heads(self.q(x), self.num_heads)  # (B, h, T, d)
         k = _split_heads(self.k(media), self.num_heads)  # (B, h, S, d)
         v = _split_heads(self.v(media), self.num_heads)
         out, weights = attention(q, k, v, mask, use_sdpa=self.use_sdpa and not return_weights)
-        return self.proj(_merge_heads(out)), weights
+        out = self.proj(_merge_heads(out))
+        if has_media is not None:
+            out = out * has_media[..., None]  # tokens before any image get no cross-attention output
+            weights = weights * has_media[:, None, :, None] if weights is not None else None
+        return out, weights
 
 
 class GatedCrossAttentionBlock(nn.Module):
@@ -325,20 +343,7 @@ class GatedCrossAttentionBlock(nn.Module):
         (None: every token sees every visual token) -> (B, T, dim)."""
         if media.shape[-1] != self.config.media_dim:
             raise ValueError(f"visual tokens have width {media.shape[-1]}, the block expects media_dim={self.config.media_dim}")
-        has_media = None
-        mask = None
-        if media_mask is not None:
-            if media_mask.shape != (x.shape[0], x.shape[1], media.shape[1]):
-                raise ValueError(
-                    f"media_mask must be (batch, text tokens, visual tokens) = {(x.shape[0], x.shape[1], media.shape[1])}, "
-                    f"got {tuple(media_mask.shape)}: expand the per-image mask with expand_media_mask"
-                )
-            has_media = media_mask.any(-1)  # (B, T): False before the first image
-            # A row with no visible key would make softmax 0/0; let it see everything and zero it below.
-            mask = (media_mask | ~has_media[..., None])[:, None]  # (B, 1, T, S), broadcast over heads
-        a, weights = self.xattn(self.norm1(x), media, mask, return_weights)
-        if has_media is not None:
-            a = a * has_media[..., None]  # tokens before any image get no cross-attention output
+        a, weights = self.xattn(self.norm1(x), media, media_mask, return_weights)
         x = gated_residual(x, a, self.alpha_xattn)
         x = gated_residual(x, self.ffw(self.norm2(x)), self.alpha_dense)
         return (x, weights) if return_weights else x
