@@ -145,6 +145,24 @@ def log_spaced_coords(window_size: int, pretrained_window_size: int = 0) -> torc
     return coords.reshape(-1, 2)
 
 
+def window_connectivity(H: int, W: int, window_size: int, shift: int) -> torch.Tensor:
+    """Which tokens exchange information in one (shifted-)window attention layer.
+
+    Returns a boolean (H*W, H*W), tokens numbered row-major on the original (unshifted) map:
+    entry [i, j] is True when token i attends to token j (same window, same mask region).
+    H and W must be multiples of the window.
+    """
+    M = window_size
+    ids = cyclic_shift(torch.arange(H * W).reshape(1, H, W, 1), shift)  # where each token lands
+    members = window_partition(ids, M).reshape(-1, M * M)  # (nW, M*M) original token ids
+    mask = shifted_window_mask(H, W, M, shift)  # (nW, M*M, M*M)
+    rows = members[:, :, None].expand_as(mask)
+    cols = members[:, None, :].expand_as(mask)
+    A = torch.zeros(H * W, H * W, dtype=torch.bool)
+    A[rows[mask], cols[mask]] = True
+    return A
+
+
 def window_and_shift(H: int, W: int, window_size: int, shift: int) -> tuple[int, int]:
     """The window and shift a block really uses on an H x W map: a map not larger than the window
     is one window and needs no shift (Swin's rule, also its official code)."""

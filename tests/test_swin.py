@@ -21,6 +21,7 @@ from course_lib.swin import (
     shifted_window_mask,
     swin_micro,
     window_and_shift,
+    window_connectivity,
     window_partition,
     window_reverse,
 )
@@ -83,6 +84,16 @@ def test_shifted_window_mask_non_square_and_errors():
         shifted_window_mask(8, 8, 4, 4)
     with pytest.raises(ValueError, match="pad it first with pad_to_window"):
         window_partition(torch.zeros(1, 6, 8, 1), 4)
+
+
+def test_window_connectivity_matches_paper_figure_2():
+    regular = window_connectivity(8, 8, 4, 0)
+    assert regular.sum(1).tolist() == [16] * 64 and torch.equal(regular, regular.T)
+    shifted = window_connectivity(8, 8, 4, 2).sum(1).reshape(8, 8)
+    # Shifting by 2 gives 9 windows: 2x2 corners, 2x4 / 4x2 edges, one 4x4 centre.
+    assert shifted[0].tolist() == [4, 4, 8, 8, 8, 8, 4, 4] and shifted[3].tolist() == [8, 8, 16, 16, 16, 16, 8, 8]
+    two_blocks = (regular.float() @ window_connectivity(8, 8, 4, 2).float()) > 0
+    assert two_blocks[0].sum() > 16 and (regular.float() @ regular.float() > 0).sum(1).max() == 16
 
 
 def test_relative_position_index_2x2():
