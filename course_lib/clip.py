@@ -27,12 +27,22 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .hf import cfg, fuse_qkv, load_hf_checkpoint, rename_keys
 from .layers import Block, Mlp, attention, load_state_dict_checked
+from .utils import load_checkpoint
 from .vit import ViT, ViTConfig
 
 CLIP_LOGIT_SCALE_INIT = math.log(1 / 0.07)  # temperature 0.07 at init (CLIP sec. 2.5)
 CLIP_MAX_LOGIT_SCALE = math.log(100)  # "clipped to prevent scaling the logits by more than 100"
 SIGLIP_LOGIT_SCALE_INIT = math.log(10)  # SigLIP sec. 3.2: t' = log 10, b = -10
 SIGLIP_LOGIT_BIAS_INIT = -10.0
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's image normalisation
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def preprocess(images: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1], (B, 3, H, W) -> normalised with CLIP's per-channel mean and std."""
+    mean = torch.tensor(CLIP_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD, device=images.device).view(1, 3, 1, 1)
+    return (images - mean) / std
 
 
 # ----------------------------------------------------------------------------------------------
@@ -350,6 +360,20 @@ class CLIPConfig:
         )
 
 
+def clip_init_(blocks: nn.ModuleList) -> None:
+    """OpenAI CLIP's initialisation of a transformer (its text encoder's `initialize_parameters`):
+    std width^-1/2 for attention inputs, (2 width)^-1/2 for the first MLP layer, and the layers
+    that write into the residual stream scaled down by (2 depth)^-1/2. With ViT's std 0.02, a
+    64-wide tower starts with all images mapped to nearly the same embedding."""
+    width, depth = blocks[0].norm1.normalized_shape[0], len(blocks)
+    proj_std = width**-0.5 * (2 * depth) ** -0.5
+    for block in blocks:
+        nn.init.normal_(block.attn.qkv.weight, std=width**-0.5)
+        nn.init.normal_(block.attn.proj.weight, std=proj_std)
+        nn.init.normal_(block.mlp.fc1.weight, std=(2 * width) ** -0.5)
+        nn.init.normal_(block.mlp.fc2.weight, std=proj_std)
+
+
 class TextTower(nn.Module):
     """The text encoder: token + position embeddings, pre-norm blocks (causal for CLIP), a final
     LayerNorm, and one pooled feature per text. input_ids (B, L) -> (B, text_dim)."""
@@ -428,6 +452,9 @@ class CLIP(nn.Module):
                     nn.init.zeros_(proj.bias)
         self.logit_scale = nn.Parameter(torch.tensor(float(c.logit_scale_init)))
         self.logit_bias = nn.Parameter(torch.tensor(float(c.logit_bias_init))) if c.logit_bias_init is not None else None
+        for tower in (self.visual, self.text):
+            clip_init_(tower.blocks)
+
 
     def no_weight_decay(self) -> set[str]:
         skip = {f"visual.{n}" for n in self.visual.no_weight_decay()}
@@ -682,3 +709,13 @@ def siglip_base(**kw) -> CLIP:
         logit_scale_init=SIGLIP_LOGIT_SCALE_INIT, logit_bias_init=SIGLIP_LOGIT_BIAS_INIT, max_logit_scale=None,
     )
     return CLIP(CLIPConfig(**{**defaults, **kw}))
+
+
+def load_scenes_clip(path: str = "clip_scenes.safetensors") -> tuple[CLIP, SceneTokenizer, dict[str, str]]:
+    """The CLIP trained on scenes captions by scripts/train_clip.py: (model, tokenizer, metadata)."""
+    import json
+
+    model, meta = load_checkpoint(path, CLIP, CLIPConfig)
+    if "vocab" not in meta:
+        raise ValueError(f"{path} stores no vocabulary: was it written by scripts/train_clip.py?")
+    return model, SceneTokenizer(json.loads(meta.pop("vocab"))[len(SceneTokenizer.specials) :]), meta
