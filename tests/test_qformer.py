@@ -1,0 +1,202 @@
+"""course_lib.qformer: the three masks, the stage-1 losses, the stage-2 connectors, and parity with
+transformers' Blip2QFormerModel (random weights, with and without text)."""
+
+import pytest
+import torch
+from conftest import randomize_, report_diff
+from torch import nn
+
+from course_lib.layers import use_explicit_attention
+from course_lib.qformer import (
+    LinearConnector,
+    MlpConnector,
+    QFormer,
+    QFormerConfig,
+    QFormerConnector,
+    itc_mask,
+    itg_mask,
+    itm_mask,
+    max_query_similarity,
+    prepend_soft_prompt,
+    sample_hard_negatives,
+    with_text_padding,
+)
+
+transformers = pytest.importorskip("transformers")
+
+
+# ----------------------------------------------------------------------------------------------
+# Masks
+# ----------------------------------------------------------------------------------------------
+def test_masks_on_two_queries_and_three_words():
+    Q, T = True, False
+    assert torch.equal(itc_mask(2, 3), torch.tensor([
+        [Q, Q, T, T, T], [Q, Q, T, T, T],
+        [T, T, Q, Q, Q], [T, T, Q, Q, Q], [T, T, Q, Q, Q]]))
+    assert itm_mask(2, 3).all() and itm_mask(2, 3).shape == (5, 5)
+    assert torch.equal(itg_mask(2, 3), torch.tensor([
+        [Q, Q, T, T, T], [Q, Q, T, T, T],
+        [Q, Q, Q, T, T], [Q, Q, Q, Q, T], [Q, Q, Q, Q, Q]]))
+    # No text: all three masks are the queries' full square.
+    for f in (itc_mask, itm_mask, itg_mask):
+        assert f(3, 0).all()
+
+
+def test_text_padding_hides_padded_keys_only():
+    keep = torch.tensor([[True, True, False], [True, True, True]])
+    m = with_text_padding(itm_mask(2, 3), keep)
+    assert m.shape == (2, 1, 5, 5)
+    assert not m[0, 0, :, 4].any() and m[0, 0, :, :4].all() and m[1].all()
+    assert m.any(-1).all()  # no row is empty
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses
+# ----------------------------------------------------------------------------------------------
+def test_max_query_similarity_takes_the_best_query():
+    q = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[1.0, 1.0], [-1.0, 0.0]]])  # 2 images x 2 queries
+    t = torch.tensor([[0.0, 2.0], [3.0, 0.0], [-1.0, -1.0]])  # 3 texts
+    sim = max_query_similarity(q, t)
+    s = 2**-0.5
+    expected = torch.tensor([[1.0, 1.0, -s], [s, s, s]])  # image 2, text 3: the second query wins
+    assert torch.allclose(sim, expected, atol=1e-6)
+
+
+def test_hard_negatives_are_never_the_positive_and_follow_similarity():
+    sim = torch.tensor([[0.0, 9.0, -9.0], [9.0, 0.0, -9.0], [-9.0, 9.0, 0.0]])
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        neg_text, neg_image = sample_hard_negatives(sim, g)
+        assert (neg_text != torch.arange(3)).all() and (neg_image != torch.arange(3)).all()
+        assert neg_text.tolist() == [1, 0, 1]  # the most confusing other text
+    with pytest.raises(ValueError, match="at least 2"):
+        sample_hard_negatives(torch.zeros(1, 1))
+
+
+def test_stage1_losses_and_the_masks_matter():
+    torch.manual_seed(0)
+    m = QFormer(QFormerConfig(dim=32, depth=2, num_heads=4, mlp_dim=64, num_queries=4, encoder_dim=24, vocab_size=20, max_text_len=8))
+    feats, ids = torch.randn(4, 9, 24), torch.randint(4, 20, (4, 6))
+    ids[:, 0], ids[0, 4:] = 1, 0
+    out = m.stage1_losses(feats, ids, torch.Generator().manual_seed(0))
+    assert set(out) >= {"itc", "itm", "itg", "loss"} and torch.isfinite(out["loss"])
+    out["loss"].backward()
+    assert m.query_tokens.grad.abs().sum() > 0 and m.word_embed.weight.grad.abs().sum() > 0
+    # Under the ITC mask the text does not depend on the image; under ITG it does, causally.
+    with torch.no_grad():
+        other = torch.randn(4, 9, 24)
+        a, b = m(feats, ids, "itc")[:, 4:], m(other, ids, "itc")[:, 4:]
+        assert torch.allclose(a, b)
+        a, b = m(feats, ids, "itg")[:, 4:], m(other, ids, "itg")[:, 4:]
+        assert not torch.allclose(a, b)
+        ids2 = ids.clone()
+        ids2[:, -1] = 5
+        a, b = m(feats, ids, "itg")[:, 4:-1], m(feats, ids2, "itg")[:, 4:-1]
+        assert torch.allclose(a, b)  # changing the last word changes nothing before it
+        assert torch.allclose(m(feats, ids, "itg")[:, :4], m(feats)[:, :4], atol=1e-6)  # queries never see text
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 2
+# ----------------------------------------------------------------------------------------------
+def test_connectors_give_soft_prompts_of_the_lm_width():
+    feats = torch.randn(2, 65, 24)
+    qf = QFormer(QFormerConfig(dim=32, depth=2, num_heads=4, mlp_dim=64, num_queries=5, encoder_dim=24, vocab_size=0))
+    assert LinearConnector(24, 48)(feats).shape == (2, 65, 48)
+    assert MlpConnector(24, 48)(feats).shape == (2, 65, 48)
+    assert QFormerConnector(qf, 48)(feats).shape == (2, 5, 48)
+    proj = nn.Linear(32, 48)
+    out = prepend_soft_prompt(torch.randn(2, 5, 32), proj, torch.randn(2, 7, 48))
+    assert out.shape == (2, 12, 48)
+    with pytest.raises(ValueError, match="nn.Linear"):
+        prepend_soft_prompt(torch.randn(2, 5, 32), proj, torch.randn(2, 7, 40))
+
+
+def test_errors_say_what_to_fix():
+    qf = QFormer(QFormerConfig(dim=32, depth=1, num_heads=4, mlp_dim=64, encoder_dim=24, vocab_size=0))
+    with pytest.raises(ValueError, match="encoder_dim"):
+        qf(torch.randn(1, 9, 16))
+    with pytest.raises(ValueError, match="image_feats"):
+        qf.encode(torch.randn(1, 8, 32), 8, None)
+    with pytest.raises(ValueError, match="cross_attention_freq"):
+        QFormerConfig(cross_attention_freq=0)
+    with pytest.raises(ValueError, match="mask_kind"):
+        QFormer(QFormerConfig(dim=32, depth=1, num_heads=4, encoder_dim=24, vocab_size=10))(torch.randn(1, 9, 24), torch.ones(1, 3, dtype=torch.long), "causal")
+
+
+# ----------------------------------------------------------------------------------------------
+# Parity with transformers
+# ----------------------------------------------------------------------------------------------
+def _hf_qformer(depth=3, freq=2, text=True):
+    from transformers import Blip2QFormerConfig, Blip2QFormerModel
+
+    config = Blip2QFormerConfig(hidden_size=32, num_hidden_layers=depth, num_attention_heads=4, intermediate_size=48,
+                                encoder_hidden_size=24, cross_attention_frequency=freq, use_qformer_text_input=text,
+                                vocab_size=50, max_position_embeddings=40)
+    return randomize_(Blip2QFormerModel(config)).eval()
+
+
+@pytest.mark.parametrize("depth,freq,B,Nq,N", [(3, 2, 2, 4, 9), (2, 1, 1, 8, 17), (4, 3, 3, 2, 5)])
+def test_parity_queries_only(depth, freq, B, Nq, N):
+    hf = _hf_qformer(depth, freq)
+    ours = QFormer.from_hf(hf, num_queries=Nq).eval()
+    assert sum(layer.cross_attn is not None for layer in ours.layers) == len(range(0, depth, freq))
+    q, feats = torch.randn(B, Nq, 32), torch.randn(B, N, 24)
+    with torch.no_grad():
+        ref = hf(query_embeds=q, encoder_hidden_states=feats).last_hidden_state
+        report_diff(f"Q-Former queries only (depth {depth}, every {freq}, {Nq} queries, {N} image tokens)", ours.encode(q, Nq, feats), ref)
+        report_diff("  explicit attention path", use_explicit_attention(ours).encode(q, Nq, feats), ref)
+
+
+@pytest.mark.parametrize("B,Nq,T", [(2, 4, 6), (3, 3, 1)])
+def test_parity_with_text_and_padding(B, Nq, T):
+    hf = _hf_qformer()
+    ours = QFormer.from_hf(hf, num_queries=Nq).eval()
+    x, feats = torch.randn(B, Nq + T, 32), torch.randn(B, 9, 24)
+    keep = torch.ones(B, T, dtype=torch.bool)
+    keep[0, T // 2 + 1 :] = False  # padding at the end of the first text
+    full = torch.cat([torch.ones(B, Nq, dtype=torch.long), keep.long()], dim=1)  # transformers' (B, L) mask
+    with torch.no_grad():
+        ref = hf(query_embeds=x, query_length=Nq, attention_mask=full, encoder_hidden_states=feats).last_hidden_state
+        ours_out = ours.encode(x, Nq, feats, with_text_padding(itm_mask(Nq, T), keep))
+    report_diff(f"Q-Former queries + {T} text tokens, padded (ITM mask)", ours_out, ref)
+
+
+def test_parity_with_a_4d_itg_mask():
+    hf = _hf_qformer()
+    ours = QFormer.from_hf(hf, num_queries=4).eval()
+    x, feats = torch.randn(2, 4 + 5, 32), torch.randn(2, 9, 24)
+    mask = itg_mask(4, 5)
+    with torch.no_grad():
+        ref = hf(query_embeds=x, query_length=4, attention_mask=mask[None, None].expand(2, 1, 9, 9), encoder_hidden_states=feats).last_hidden_state
+        report_diff("Q-Former with the ITG mask", ours.encode(x, 4, feats, mask), ref)
+
+
+def test_from_hf_folder_and_blip2_model(tmp_path):
+    hf = _hf_qformer()
+    hf.save_pretrained(tmp_path)
+    ours = QFormer.from_hf(str(tmp_path), num_queries=4).eval()
+    q, feats = torch.randn(2, 4, 32), torch.randn(2, 9, 24)
+    with torch.no_grad():
+        report_diff("Q-Former from a save_pretrained folder", ours.encode(q, 4, feats), hf(query_embeds=q, encoder_hidden_states=feats).last_hidden_state)
+
+    from transformers import Blip2Config, Blip2Model
+
+    config = Blip2Config(
+        vision_config=dict(hidden_size=24, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2, image_size=16, patch_size=8),
+        qformer_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, encoder_hidden_size=24),
+        text_config=dict(model_type="opt", hidden_size=16, num_hidden_layers=1, num_attention_heads=2, ffn_dim=32, vocab_size=60, word_embed_proj_dim=16),
+        num_query_tokens=6,
+    )
+    blip2 = randomize_(Blip2Model(config)).eval()
+    ours = QFormer.from_hf(blip2).eval()
+    assert ours.config.num_queries == 6 and torch.equal(ours.query_tokens, blip2.query_tokens)
+    feats = torch.randn(2, 5, 24)
+    with torch.no_grad():
+        ref = blip2.qformer(query_embeds=blip2.query_tokens.expand(2, -1, -1), encoder_hidden_states=feats).last_hidden_state
+        report_diff("Q-Former from a Blip2Model (its query tokens)", ours(feats), ref)
+    with pytest.raises(ValueError, match="lacks Q-Former weights"):
+        from transformers import ViTConfig, ViTModel
+
+        QFormer.from_hf(ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48,
+                                           image_size=16, patch_size=8, encoder_hidden_size=24, hidden_act="gelu")))
