@@ -45,7 +45,7 @@ book: $(STAMP)
 	$(BIN)/python scripts/build_book.py
 
 lab: $(STAMP)
-	$(BIN)/jupyter lab --notebook-dir=.
+	$(BIN)/jupyter lab --notebook-dir=. $(if $(filter 0,$(shell id -u)),--allow-root,)
 
 labs: $(STAMP)
 	$(BIN)/python -m course_lib.labs $(if $(FORCE),--force,)

@@ -289,7 +289,7 @@ def photo(name: str = "grace_hopper", size: int | None = None) -> np.ndarray:
         w, h = img.size
         s = min(w, h)
         img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)).resize((size, size), Image.BICUBIC)
-    return np.asarray(img)
+    return np.array(img)  # a writable copy (torch.from_numpy warns on read-only arrays)
 
 
 def digits(size: int = 32):
