@@ -238,9 +238,9 @@ def load_frozen_lm(path=LM_CHECKPOINT) -> TinyLM:
 
 
 def load_frozen_image_encoder(path=IMAGE_ENCODER_CHECKPOINT):
-    """The shipped ViT image encoder (patch 4 on 32x32 scenes, no head), frozen.
+    """The shipped ViT image encoder (patch 8 on 32x32 scenes, width 64, no head), frozen.
 
-    `encoder.forward_features(images)` gives (B, 1 + 64, D): the CLS token and 8x8 patch tokens,
+    `encoder.forward_features(images)` gives (B, 1 + 16, 64): the CLS token and 4x4 patch tokens,
     trained to carry the shape, colour and position of every object and their count.
     """
     from .utils import load_checkpoint

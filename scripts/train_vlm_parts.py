@@ -4,7 +4,7 @@ tiny language model for the scenes data, saved as safetensors checkpoints.
     python scripts/train_vlm_parts.py                                   # the shipped checkpoints (a few min on 2 CPU cores)
     python scripts/train_vlm_parts.py --n 64 --steps 2 --out-dir /tmp/vlm   # a smoke run
 
-Image encoder: a ViT (patch 4 on 32x32 scenes with up to 3 objects, no classification head). It is
+Image encoder: a ViT (patch 8 on 32x32 scenes with up to 3 objects, no classification head). It is
 trained with a multi-label attribute head, dropped afterwards: for each of the 9 cells of the 3x3
 layout, which shape and which colour sits there (or none), and how many objects there are. Its
 tokens therefore carry shape, colour, position and count, the facts the captions and the
@@ -39,7 +39,7 @@ from course_lib.train import cosine_schedule
 from course_lib.utils import CHECKPOINTS, save_checkpoint, seed_everything
 from course_lib.vit import ViT, ViTConfig
 
-ENCODER_CONFIG = ViTConfig(image_size=32, patch_size=4, num_classes=0, dim=64, depth=4, num_heads=4, mlp_ratio=2.0)
+ENCODER_CONFIG = ViTConfig(image_size=32, patch_size=8, num_classes=0, dim=64, depth=4, num_heads=4, mlp_ratio=2.0)
 N_SHAPE, N_COLOR = len(data.SHAPES) + 1, len(data.COLORS) + 1  # + "nothing in this cell"
 
 
@@ -56,7 +56,7 @@ def attribute_targets(ds) -> torch.Tensor:
 
 
 class AttributeProbe(nn.Module):
-    """Encoder + heads that read the attributes from the patch tokens: the 8x8 token grid is
+    """Encoder + heads that read the attributes from the patch tokens: the 4x4 token grid is
     average-pooled to the 3x3 layout and one shared linear head names the shape and colour of each
     cell, so each patch token must describe what lies under it; the count is read from the mean."""
 
@@ -68,10 +68,10 @@ class AttributeProbe(nn.Module):
         self.count_head = nn.Linear(D, 3)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        tokens = self.encoder.forward_features(images)[:, 1:]  # (B, 64, D) patch tokens
+        tokens = self.encoder.forward_features(images)[:, 1:]  # (B, 16, D) patch tokens
         B, N, D = tokens.shape
         g = int(N**0.5)
-        grid = tokens.transpose(1, 2).reshape(B, D, g, g)  # (B, D, 8, 8)
+        grid = tokens.transpose(1, 2).reshape(B, D, g, g)  # (B, D, 4, 4)
         cells = F.adaptive_avg_pool2d(grid, 3).flatten(2).transpose(1, 2)  # (B, 9, D), row-major like POSITIONS
         out = self.cell_head(cells)  # (B, 9, N_SHAPE + N_COLOR)
         return out[..., :N_SHAPE], out[..., N_SHAPE:], self.count_head(tokens.mean(1))
