@@ -365,6 +365,47 @@ def grn_disabled(model: nn.Module) -> Iterator[nn.Module]:
 
 
 # ----------------------------------------------------------------------------------------------
+# Looking for feature collapse (ConvNeXt V2 section 3, Fig. 3-4)
+# ----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def hidden_activations(model: ConvNeXt, images: torch.Tensor, stage: int = -1, block: int = -1, after_grn: bool = False) -> torch.Tensor:
+    """The wide hidden layer of one block (after GELU; before GRN unless after_grn), where
+    ConvNeXt V2 looks for collapse: (B, H, W, hidden), channels-last."""
+    out: list[torch.Tensor] = []
+    hook = model.stages[stage].blocks[block].grn.register_forward_hook(
+        lambda _m, inputs, output: out.append(output if after_grn else inputs[0])
+    )
+    try:
+        model.forward_features(images)
+    finally:
+        hook.remove()
+    return out[0]
+
+
+def feature_cosine_distance(x: torch.Tensor) -> float:
+    """ConvNeXt V2 Fig. 4's diversity score: for each image, the mean over all channel pairs of
+    (1 - cos(X_i, X_j)) / 2, with X_i the flattened H x W map of channel i; averaged over images.
+    x: (B, H, W, C). 0 when every channel carries the same map, higher for diverse channels."""
+    maps = F.normalize(x.flatten(1, 2).transpose(1, 2), dim=-1)  # (B, C, H*W), unit-length maps
+    cos = maps @ maps.transpose(1, 2)  # (B, C, C)
+    return ((1 - cos) / 2).mean().item()
+
+
+def collapsed_channels(x: torch.Tensor, rel: float = 0.01, cv: float = 0.1) -> tuple[int, int]:
+    """(dead, saturated) channel counts of activations x (B, H, W, C) over a batch of images.
+
+    dead: the channel's largest |response| is below `rel` times the largest of the layer.
+    saturated: it responds, but almost the same everywhere: std / |mean| below `cv` over all
+    positions and images (a constant map carries no information about the image).
+    """
+    a = x.flatten(0, 2)  # (B*H*W, C)
+    peak = a.abs().amax(dim=0)  # (C,)
+    dead = peak < rel * peak.max()
+    saturated = ~dead & (a.std(dim=0) < cv * a.mean(dim=0).abs())
+    return int(dead.sum()), int(saturated.sum())
+
+
+# ----------------------------------------------------------------------------------------------
 # Sizes: ConvNeXt Table 9 / section 3, ConvNeXt V2 Table 5 (depths, dims)
 # ----------------------------------------------------------------------------------------------
 _SIZES = {
