@@ -502,15 +502,15 @@ class DINO(nn.Module):
         globals_ = torch.cat(list(views[: c.n_global]))  # (n_global*B, C, H, W), view-major
         with torch.no_grad():
             t_tokens = self.teacher.backbone.forward_features(globals_)  # (n_global*B, T, D)
-            t_logits = self.teacher.head(t_tokens[:, 0]).reshape(c.n_global, B, -1)  # (V_t, B, K)
+            t_logits = self.teacher.head(self.teacher.backbone.pool(t_tokens)).reshape(c.n_global, B, -1)  # (V_t, B, K)
             p_t = self._teacher_targets(t_logits, self.center, tau_t)
         mask = None
         if c.ibot_weight > 0:
             mask = random_patch_mask(globals_.shape[0], t_tokens.shape[1] - skip, c.mask_ratio).to(globals_.device)
         s_tokens = masked_forward_features(self.student.backbone, globals_, mask, self.mask_token)
-        s_cls = [s_tokens[:, 0]]
+        s_cls = [self.student.backbone.pool(s_tokens)]  # the CLS token, or the mean of patches (ViTConfig.pool)
         if len(views) > c.n_global:  # local crops share one size: one forward pass for all of them
-            s_cls.append(self.student.backbone.forward_features(torch.cat(list(views[c.n_global :])))[:, 0])
+            s_cls.append(self.student.backbone.pool(self.student.backbone.forward_features(torch.cat(list(views[c.n_global :])))))
         s_logits = self.student.head(torch.cat(s_cls)).reshape(len(views), B, -1)  # (V_s, B, K)
         loss_dino = multicrop_cross_entropy(s_logits, p_t, c.tau_s)
         total, stats = loss_dino, {"dino": loss_dino.item()}
@@ -523,7 +523,7 @@ class DINO(nn.Module):
             stats["ibot"] = loss_ibot.item()
             self.patch_center.copy_(update_center(self.patch_center, t_patch[mask], c.center_momentum))
         if c.koleo_weight > 0:  # on the student's CLS features, per global view (DINOv2)
-            loss_koleo = torch.stack([koleo_loss(x) for x in s_tokens[:, 0].split(B)]).mean()
+            loss_koleo = torch.stack([koleo_loss(x) for x in s_cls[0].split(B)]).mean()
             total = total + c.koleo_weight * loss_koleo
             stats["koleo"] = loss_koleo.item()
         if c.gram_weight > 0:  # on the patch features of the global crops (DINOv3)
@@ -648,11 +648,12 @@ def train_dino(
 
 @torch.no_grad()
 def extract_features(backbone: ViT, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """L2-normalised CLS features (N, D) of a frozen backbone, in eval mode."""
+    """L2-normalised image features (N, D) of a frozen backbone in eval mode: its CLS token, or
+    the mean patch token when the backbone was built with ViTConfig(pool="mean")."""
     was_training = backbone.training
     backbone.eval()
     device = next(backbone.parameters()).device
-    feats = [backbone.forward_features(images[i : i + batch_size].to(device))[:, 0] for i in range(0, images.shape[0], batch_size)]
+    feats = [backbone.pool(backbone.forward_features(images[i : i + batch_size].to(device))) for i in range(0, images.shape[0], batch_size)]
     backbone.train(was_training)
     return F.normalize(torch.cat(feats), dim=-1).cpu()
 

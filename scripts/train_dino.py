@@ -22,7 +22,18 @@ from course_lib.utils import save_checkpoint, seed_everything
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "course_lib" / "checkpoints" / "dino_scenes.safetensors"
 BACKBONE = dict(image_size=32, patch_size=4, num_classes=0, dim=64, depth=4, num_heads=4, mlp_ratio=2.0, num_registers=2)
-HEAD = dict(out_dim=256, hidden_dim=256, bottleneck_dim=64, momentum=0.99, tau_t=0.04, n_local=4, global_size=32, local_size=16, koleo_weight=0.1)
+HEAD = dict(out_dim=256, hidden_dim=256, bottleneck_dim=64, momentum=0.99, tau_t=0.01, n_local=4, global_size=32, local_size=16, koleo_weight=0.1)
+
+
+ATTRIBUTES = ("shape", "color", "background")
+
+
+def attribute_labels(ds, attribute: str) -> torch.Tensor:
+    """Class index of the large object's shape or colour, or of the background, per image."""
+    if attribute == "background":
+        return torch.tensor([data.BACKGROUNDS.index(b) for b in ds["background"]])
+    names = data.SHAPES if attribute == "shape" else list(data.COLORS)
+    return torch.tensor([names.index(o[0][attribute]) for o in ds["objects"]])
 
 
 def build() -> dino.DINO:
@@ -43,18 +54,25 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     seed_everything(0)
     train_x, _ = data.to_tensors(data.scenes(args.n_train, "train"))
-    knn_x, knn_y = data.to_tensors(data.scenes(1000, "train", seed=1))
-    test_x, test_y = data.to_tensors(data.scenes(500, "test"))
+    knn_ds, test_ds = data.scenes(1000, "train", seed=1), data.scenes(500, "test")
+    knn_x, test_x = data.to_tensors(knn_ds)[0], data.to_tensors(test_ds)[0]
+    attrs = {a: (attribute_labels(knn_ds, a), attribute_labels(test_ds, a)) for a in ATTRIBUTES}
+    knn_log: dict[str, list[float]] = {a: [] for a in ATTRIBUTES}
 
     def knn(model: dino.DINO) -> float:
+        """kNN accuracy of the teacher's features on each attribute; returns the mean."""
         backbone = model.teacher.backbone
-        return dino.knn_accuracy(dino.extract_features(backbone, knn_x), knn_y, dino.extract_features(backbone, test_x), test_y)
+        f_train, f_test = dino.extract_features(backbone, knn_x), dino.extract_features(backbone, test_x)
+        for a, (y_train, y_test) in attrs.items():
+            knn_log[a].append(dino.knn_accuracy(f_train, y_train, f_test, y_test))
+        print({a: round(v[-1], 3) for a, v in knn_log.items()})
+        return sum(v[-1] for v in knn_log.values()) / len(knn_log)
 
     model = build()
     start = time.time()
     hist = dino.train_dino(model, train_x, steps=args.steps, batch_size=args.batch_size, lr=args.lr, eval_fn=knn, eval_every=args.eval_every)
-    print(f"{args.steps} steps in {time.time() - start:.0f} s; kNN accuracy by step: {dict(zip(hist.eval_step, hist.eval))}")
-    history = {"step": hist.step, **{k: [round(v, 5) for v in vs] for k, vs in hist.stats.items()}, "eval_step": hist.eval_step, "knn": hist.eval}
+    print(f"{args.steps} steps in {time.time() - start:.0f} s")
+    history = {"step": hist.step, **{k: [round(v, 5) for v in vs] for k, vs in hist.stats.items()}, "eval_step": hist.eval_step, "knn": knn_log}
     save_checkpoint(model.teacher.backbone, args.out, dino_config=json.dumps(HEAD), history=json.dumps(history),
                     steps=args.steps, batch_size=args.batch_size, train_images=args.n_train, seconds=round(hist.seconds))
     print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.1f} MB)")
