@@ -286,3 +286,38 @@ def test_mae_encoder_loads_into_vit_for_probing():
     with torch.no_grad():
         ref = hf(x, noise=torch.arange(64.0).expand(2, 64)).last_hidden_state
         report_diff("ViTMAEModel as ViT", ours.forward_features(x), ref)
+
+
+def test_mae_checkpoint_script_runs(tmp_path):
+    """The shipped checkpoint is made by scripts/train_mae_scenes.py: a one-step run must work and
+    write a checkpoint with the shipped model's config."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from course_lib.utils import load_checkpoint
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "mae.safetensors"
+    cmd = [sys.executable, str(root / "scripts" / "train_mae_scenes.py"), "--epochs", "1", "--n", "64", "--batch-size", "64",
+           "--threads", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    model, meta = load_checkpoint(out, MAE, MAEConfig)
+    shipped, shipped_meta = load_checkpoint("mae_scenes.safetensors", MAE, MAEConfig)
+    assert model.config == shipped.config, "the script's config and the shipped checkpoint's differ: rerun the script"
+    assert meta["epochs"] == "1" and float(shipped_meta["final_loss"]) < 0.02
+
+
+def test_linear_probe_and_probe_features():
+    from course_lib.mae import linear_probe, probe_features
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(200) % 4
+    f = torch.randn(200, 8, generator=g) * 0.1 + torch.nn.functional.one_hot(y, 8).float()  # separable
+    assert linear_probe((f[:100], y[:100]), (f[100:], y[100:])) == 1.0
+    noise_only = torch.randn(200, 8, generator=g)
+    assert linear_probe((noise_only[:100], y[:100]), (noise_only[100:], y[100:])) < 0.6
+    enc = MAE(MAEConfig(**SMALL)).encoder.train()
+    feats = probe_features(enc, torch.rand(3, 3, 32, 32), batch_size=2)
+    assert feats.shape == (3, 64) and enc.training  # [CLS, mean] of width 32; mode restored
