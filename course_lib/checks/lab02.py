@@ -9,7 +9,7 @@ from . import Case, Lab
 
 LAB = Lab(
     "Lab 02 (Swin)",
-    ["window_partition", "cyclic_shift", "shifted_window_mask", "relative_position_index", "window_attention"],
+    ["window_partition", "window_reverse", "cyclic_shift", "shifted_window_mask", "relative_position_index", "window_attention"],
 )
 
 
@@ -17,19 +17,26 @@ def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def window_partition(partition_fn, reverse_fn) -> None:
-    """partition (B, H, W, C) -> (B*nW, M, M, C) and reverse; hidden cases: non-square maps,
-    several images, windows of 2, 3 and 7."""
+_MAPS = [(1, 8, 8, 1, 4), (2, 8, 8, 3, 4), (1, 6, 9, 2, 3), (3, 4, 12, 5, 2), (1, 14, 7, 4, 7)]
 
-    def both(x, M):  # the student's partition, and their reverse applied to the reference windows
-        H, W = x.shape[1:3]
-        return partition_fn(x, M), reverse_fn(swin.window_partition(x, M), M, H, W)
 
+def window_partition(fn) -> None:
+    """(B, H, W, C), M -> (B*nW, M, M, C); hidden cases: non-square maps, several images,
+    windows of 2, 3 and 7."""
     cases = []
-    for i, (B, H, W, C, M) in enumerate([(1, 8, 8, 1, 4), (2, 8, 8, 3, 4), (1, 6, 9, 2, 3), (3, 4, 12, 5, 2), (1, 14, 7, 4, 7)]):
+    for i, (B, H, W, C, M) in enumerate(_MAPS):
         x = torch.randn(B, H, W, C, generator=_gen(i))
-        cases.append(Case((x, M), (swin.window_partition(x, M), x), f"map {B}x{H}x{W}x{C}, window {M}"))
-    LAB.run("window_partition", both, cases)
+        cases.append(Case((x, M), swin.window_partition(x, M), f"map {B}x{H}x{W}x{C}, window {M}"))
+    LAB.run("window_partition", fn, cases)
+
+
+def window_reverse(fn) -> None:
+    """(B*nW, M, M, C), M, H, W -> (B, H, W, C), the inverse of window_partition."""
+    cases = []
+    for i, (B, H, W, C, M) in enumerate(_MAPS):
+        x = torch.randn(B, H, W, C, generator=_gen(50 + i))
+        cases.append(Case((swin.window_partition(x, M), M, H, W), x, f"map {B}x{H}x{W}x{C}, window {M}"))
+    LAB.run("window_reverse", fn, cases)
 
 
 def cyclic_shift(fn) -> None:
