@@ -155,12 +155,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=4000, help="training scenes")
     p.add_argument("--steps", type=int, default=None, help="steps for both models (default: --encoder-steps / --lm-steps)")
-    p.add_argument("--encoder-steps", type=int, default=600)
+    p.add_argument("--encoder-steps", type=int, default=2500)
     p.add_argument("--lm-steps", type=int, default=500)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--only", choices=["encoder", "lm"], default=None)
     p.add_argument("--out-dir", type=Path, default=CHECKPOINTS)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (these models are too small to gain from more)")
     args = p.parse_args()
+    torch.set_num_threads(args.threads)
     log_every = 50 if (args.steps or 100) >= 50 else 1
     if args.only != "lm":
         seed_everything(0)
