@@ -45,6 +45,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--n", type=int, default=8000, help="training pairs")
+    p.add_argument("--n-test", type=int, default=1000, help="test pairs for the printed scores")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--loss", choices=["clip", "siglip"], default="clip")
@@ -54,7 +55,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     seed_everything(0)
-    train_ds, test_ds = data.scenes(args.n, "train"), data.scenes(1000, "test")
+    train_ds, test_ds = data.scenes(args.n, "train"), data.scenes(args.n_test, "test")
     tok = clip.SceneTokenizer.from_texts(train_ds["caption"])
     x_train = clip.preprocess(data.to_tensors(train_ds)[0])
     x_test = clip.preprocess(data.to_tensors(test_ds)[0])
@@ -69,7 +70,7 @@ def main() -> None:
     print(f"{args.epochs} epochs in {time.time() - start:.0f} s, final loss {hist.loss[-1]:.3f}, temperature "
           f"{model.temperature:.4f}; test: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
     save_checkpoint(model, args.out, vocab=json.dumps(tok.vocab), epochs=args.epochs, train_pairs=args.n,
-                    batch_size=args.batch_size, **{k: f"{v:.4f}" for k, v in scores.items()})
+                    batch_size=args.batch_size, test_pairs=args.n_test, **{k: f"{v:.4f}" for k, v in scores.items()})
     print(f"saved {args.out} ({args.out.stat().st_size / 1e6:.2f} MB)")
 
 

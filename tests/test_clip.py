@@ -267,3 +267,17 @@ def test_from_hf_rejects_other_models():
     vit = transformers.ViTModel(transformers.ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32))
     with pytest.raises(ValueError, match="CLIPModel and SiglipModel"):
         CLIP.from_hf(vit)
+
+
+def test_train_script_smoke_run(tmp_path, monkeypatch):
+    import runpy
+    from pathlib import Path
+
+    out = tmp_path / "clip.safetensors"
+    script = Path(__file__).resolve().parents[1] / "scripts" / "train_clip.py"
+    argv = ["train_clip.py", "--epochs", "1", "--n", "48", "--n-test", "16", "--batch-size", "16", "--threads", "1", "--out", str(out)]
+    monkeypatch.setattr("sys.argv", argv)
+    runpy.run_path(str(script), run_name="__main__")
+    model, tok, meta = clip.load_scenes_clip(str(out))
+    assert meta["train_pairs"] == "48" and 0.0 <= float(meta["shape_acc"]) <= 1.0
+    assert model.config.vocab_size == tok.vocab_size and tok.vocab[:4] == list(SceneTokenizer.specials)
