@@ -29,6 +29,7 @@ from torch import nn
 from .clip import causal_mask
 from .hf import cfg, load_hf_checkpoint, rename_keys
 from .layers import attention, load_state_dict_checked
+from .tinylm import freeze
 
 NORMS = ("layernorm", "rmsnorm")
 ACTS = ("gelu", "relu", "swiglu")
@@ -414,13 +415,7 @@ class FlamingoConfig:
     cross_attn_every: int = 1  # Flamingo-3B: every layer; 9B: every 4th; 80B: every 7th (Table 10)
     mlp_ratio: float = 2.0
     only_immediate: bool = True
-
-
-def _freeze(module: nn.Module) -> nn.Module:
-    module.eval()
-    for p in module.parameters():
-        p.requires_grad_(False)
-    return module
+    alpha_shape: str = "scalar"  # one gate per layer branch, or "vector": one per channel
 
 
 class Flamingo(nn.Module):
@@ -434,7 +429,7 @@ class Flamingo(nn.Module):
     def __init__(self, lm: nn.Module, vision: nn.Module, config: FlamingoConfig):
         super().__init__()
         self.config = c = config
-        self.lm, self.vision = _freeze(lm), _freeze(vision)
+        self.lm, self.vision = freeze(lm), freeze(vision)
         lm_dim = lm.lm_head.in_features
         media_dim = vision.norm.normalized_shape[0]
         self.resampler = PerceiverResampler(PerceiverConfig(
@@ -443,7 +438,8 @@ class Flamingo(nn.Module):
         ))
         self.xattn_layers = nn.ModuleDict({
             str(i): GatedCrossAttentionBlock(GatedXAttnConfig(
-                dim=lm_dim, media_dim=media_dim, num_heads=c.xattn_heads, mlp_ratio=c.mlp_ratio))
+                dim=lm_dim, media_dim=media_dim, num_heads=c.xattn_heads, mlp_ratio=c.mlp_ratio,
+                alpha_shape=c.alpha_shape))
             for i in range(len(lm.blocks)) if i % c.cross_attn_every == 0
         })
 
@@ -462,30 +458,34 @@ class Flamingo(nn.Module):
         """tanh(alpha_xattn) of every gated block (mean over channels for vector gates): (layers,)."""
         return torch.stack([torch.tanh(b.alpha_xattn).mean() for b in self.xattn_layers.values()]).detach()
 
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """images (B, M, C, H, W) -> resampled visual tokens (B, M * num_latents, media_dim)."""
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, M, C, H, W) -> frozen encoder tokens (B, M, N, Dv). Nothing here trains, so
+        a training loop may compute these once and pass them to `forward(features=...)`."""
         if images.ndim != 5:
             raise ValueError(f"images must be (batch, images per sequence, C, H, W), got {tuple(images.shape)}")
-        B, M = images.shape[:2]
         with torch.no_grad():
             feats = self.vision.forward_features(images.flatten(0, 1))  # (B*M, N, Dv)
-        latents = self.resampler(feats)  # (B*M, L, Dv)
+        return feats.reshape(*images.shape[:2], *feats.shape[1:])
+
+    def resample(self, features: torch.Tensor) -> torch.Tensor:
+        """Encoder tokens (B, M, N, Dv) -> visual tokens (B, M * num_latents, Dv), image by image."""
+        B, M = features.shape[:2]
+        latents = self.resampler(features.flatten(0, 1))  # (B*M, L, Dv)
         return latents.reshape(B, M * latents.shape[1], latents.shape[2])
 
-    def forward(self, input_ids: torch.Tensor, images: torch.Tensor | None = None, media: torch.Tensor | None = None):
+    def forward(self, input_ids: torch.Tensor, images: torch.Tensor | None = None, features: torch.Tensor | None = None):
         """Next-token logits (B, T, vocab) for interleaved text with <image> markers.
 
-        Give either images (B, M, C, H, W) or already resampled media (B, M * num_latents, Dv);
+        Give either images (B, M, C, H, W) or the frozen encoder's features (B, M, N, Dv);
         image m belongs to the m-th <image> token of each row.
         """
-        if (images is None) == (media is None):
-            raise ValueError("pass exactly one of images (B, M, C, H, W) or media (B, M * num_latents, D)")
-        if media is None:
-            media = self.encode_images(images)
+        if (images is None) == (features is None):
+            raise ValueError("pass exactly one of images (B, M, C, H, W) or features (B, M, N, D)")
+        if features is None:
+            features = self.image_features(images)
+        media = self.resample(features)  # (B, M*L, Dv)
         L = self.config.num_latents
-        if media.shape[1] % L:
-            raise ValueError(f"media has {media.shape[1]} tokens, not a multiple of num_latents={L}")
-        per_image = media_attention_mask(input_ids == self.config.image_token_id, media.shape[1] // L, self.config.only_immediate)
+        per_image = media_attention_mask(input_ids == self.config.image_token_id, features.shape[1], self.config.only_immediate)
         media_mask = expand_media_mask(per_image, L)  # (B, T, M*L)
         x = self.lm.add_positions(self.lm.embed(input_ids))
         causal = causal_mask(x.shape[1], device=x.device)
@@ -505,7 +505,7 @@ class VisualPrefixLM(nn.Module):
 
     def __init__(self, lm: nn.Module, vision: nn.Module, image_token_id: int, num_prefix: int = 2):
         super().__init__()
-        self.lm, self.vision = _freeze(lm), _freeze(vision)
+        self.lm, self.vision = freeze(lm), freeze(vision)
         self.image_token_id, self.num_prefix = image_token_id, num_prefix
         self.lm_dim = lm.lm_head.in_features
         self.proj = nn.Linear(vision.norm.normalized_shape[0], num_prefix * self.lm_dim)
@@ -515,17 +515,22 @@ class VisualPrefixLM(nn.Module):
         self.lm.eval(), self.vision.eval()
         return self
 
-    def forward(self, input_ids: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-        """input_ids (B, T) with M * num_prefix <image> tokens per row, images (B, M, C, H, W)."""
-        B, M = images.shape[:2]
+    def forward(self, input_ids: torch.Tensor, images: torch.Tensor | None = None, features: torch.Tensor | None = None):
+        """input_ids (B, T) with M * num_prefix <image> tokens per row; images (B, M, C, H, W) or
+        the frozen encoder's features (B, M, N, Dv) -> logits (B, T, vocab)."""
+        if (images is None) == (features is None):
+            raise ValueError("pass exactly one of images (B, M, C, H, W) or features (B, M, N, D)")
+        if features is None:
+            with torch.no_grad():
+                features = self.vision.forward_features(images.flatten(0, 1)).unflatten(0, images.shape[:2])
+        B, M = features.shape[:2]
         slots = input_ids == self.image_token_id
         if (slots.sum(-1) != M * self.num_prefix).any():
             raise ValueError(
                 f"each row needs {M * self.num_prefix} <image> tokens ({self.num_prefix} per image), "
                 f"got {slots.sum(-1).tolist()}"
             )
-        with torch.no_grad():
-            pooled = self.vision.forward_features(images.flatten(0, 1))[:, 0]  # (B*M, Dv): CLS
+        pooled = features[:, :, 0]  # (B, M, Dv): the encoder's CLS token
         prefix = self.proj(pooled).reshape(B, M * self.num_prefix, self.lm_dim)  # (B, M*n, D)
         x = self.lm.embed(input_ids)
         x = x.masked_scatter(slots[..., None], prefix.to(x.dtype))  # fills the slots in order
