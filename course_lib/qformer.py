@@ -454,3 +454,91 @@ def soft_prompt_loss(lm: nn.Module, prompt: torch.Tensor, input_ids: torch.Tenso
     P = prompt.shape[1]
     ignore = targets.new_full((targets.shape[0], P), -100)
     return lm_loss(logits, torch.cat([ignore, targets], dim=1))
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 2 on the scenes: examples, training and the question-answering accuracy
+# ----------------------------------------------------------------------------------------------
+def qa_examples(ds, tokenizer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every (image, question, answer) of a scenes dataset as LM training examples.
+
+    Returns image_index (M,), input_ids (M, T) = <bos> question answer <eos> <pad>..., targets
+    (M, T) = the answer and <eos>, -100 elsewhere (the question is given, not predicted), and the
+    question type (M,) (0 shape, 1 colour, 2 count, 3 position, 4 yes/no).
+    """
+    from .tinylm import pad_batch
+
+    index, ids, targets, kind = [], [], [], []
+    for i, (qs, ans) in enumerate(zip(ds["questions"], ds["answers"])):
+        for k, (q, a) in enumerate(zip(qs, ans)):
+            question, answer = tokenizer.encode(q, bos=True), tokenizer.encode(a, eos=True)
+            index.append(i), kind.append(k)
+            ids.append(question + answer)
+            targets.append([-100] * len(question) + answer)
+    ids = pad_batch(ids, tokenizer.pad_id)
+    return torch.tensor(index), ids, pad_batch(targets, -100, ids.shape[1]), torch.tensor(kind)
+
+
+def caption_examples(ds, tokenizer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(image_index (N,), input_ids (N, T) = <bos> caption <eos> <pad>..., targets with -100 on padding)."""
+    from .tinylm import pad_batch
+
+    ids = pad_batch([tokenizer.encode(c, bos=True, eos=True) for c in ds["caption"]], tokenizer.pad_id)
+    return torch.arange(ids.shape[0]), ids, ids.masked_fill(ids == tokenizer.pad_id, -100)
+
+
+def train_connector(connector: nn.Module, lm: nn.Module, image_feats: torch.Tensor, examples: list[tuple],
+                    steps: int, batch_size: int = 64, lr: float = 2e-3, seed: int = 0) -> list[float]:
+    """Stage 2: train `connector` (image features -> soft prompt) through the frozen `lm`.
+
+    examples: a list of (image_index, input_ids, targets, ...) tuples (from qa_examples,
+    caption_examples); each step takes one batch from each. Returns the loss of every step.
+    """
+    from .layers import param_groups
+    from .train import cosine_schedule
+
+    opt = torch.optim.AdamW(param_groups(connector, 0.05), lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_schedule(steps, max(1, steps // 10)))
+    g = torch.Generator().manual_seed(seed)
+    connector.train()
+    losses = []
+    for _ in range(steps):
+        loss = 0.0
+        for index, ids, targets, *_ in examples:
+            pick = torch.randint(0, ids.shape[0], (batch_size,), generator=g)
+            loss = loss + soft_prompt_loss(lm, connector(image_feats[index[pick]]), ids[pick], targets[pick])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    connector.eval()
+    return losses
+
+
+@torch.no_grad()
+def answer_questions(lm: nn.Module, tokenizer, ds, image_feats: torch.Tensor | None, connector: nn.Module | None) -> list[list[str]]:
+    """Greedy answers of the frozen LM to every question of `ds`, after the connector's soft prompt
+    (or with no prompt when connector is None: the LM's prior alone). Returns answers[image][question]."""
+    n = len(ds)
+    questions = ds["questions"]
+    prompt = connector(image_feats) if connector is not None else None
+    out = [[""] * len(questions[0]) for _ in range(n)]
+    for k in range(len(questions[0])):  # every scene's k-th question has the same number of words
+        ids = torch.tensor([tokenizer.encode(qs[k], bos=True) for qs in questions])
+        embeds = lm.embed(ids)
+        if prompt is not None:
+            embeds = torch.cat([prompt, embeds], dim=1)
+        new = lm.generate(inputs_embeds=embeds, max_new_tokens=3, eos_id=tokenizer.eos_id)
+        for i in range(n):
+            out[i][k] = tokenizer.decode(new[i])
+    return out
+
+
+def answer_accuracy(predicted: list[list[str]], ds) -> dict[str, float]:
+    """Exact-match accuracy per question type and overall."""
+    names = ["shape", "color", "count", "position", "yes/no"]
+    truth = ds["answers"]
+    acc = {name: sum(p[k] == t[k] for p, t in zip(predicted, truth)) / len(truth) for k, name in enumerate(names)}
+    acc["all"] = sum(acc.values()) / len(names)
+    return acc

@@ -11,7 +11,8 @@ tokens therefore carry shape, colour, position and count, the facts the captions
 questions ask about.
 
 Language model: `course_lib.tinylm.TinyLM`, trained on the captions and "question answer" texts of
-the training scenes. It never sees an image, so it learns the language and the answer priors only.
+the training scenes, half of them after a run of <image> placeholder tokens (where a soft prompt
+will sit). It never sees an image, so it learns the language and the answer priors only.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from course_lib.vit import ViT, ViTConfig
 
 ENCODER_CONFIG = ViTConfig(image_size=32, patch_size=8, num_classes=0, dim=64, depth=4, num_heads=4, mlp_ratio=2.0)
 N_SHAPE, N_COLOR = len(data.SHAPES) + 1, len(data.COLORS) + 1  # + "nothing in this cell"
+MAX_PREFIX = 24  # the longest <image> prefix the LM sees in training
 
 
 def attribute_targets(ds) -> torch.Tensor:
@@ -137,7 +139,14 @@ def train_lm(n: int, steps: int, batch: int, out: Path, log_every: int) -> None:
 
     def step_fn(step: int):
         idx = torch.randint(0, ids.shape[0], (batch,), generator=gen)
-        return lm_loss(lm(ids[idx]), targets[idx]), ""
+        # Half the batches start with 1..MAX_PREFIX <image> placeholders (never predicted): the LM
+        # learns to read text that starts later than position 0, where a connector's soft prompt
+        # (lecture 07) or an image marker (lecture 08) will sit.
+        k = int(torch.randint(1, MAX_PREFIX + 1, (), generator=gen)) if step % 2 else 0
+        prefix = torch.full((batch, k), tok.image_id)
+        x = torch.cat([prefix, ids[idx]], dim=1)
+        y = torch.cat([torch.full((batch, k), -100), targets[idx]], dim=1)
+        return lm_loss(lm(x), y), ""
 
     print(f"language model: {len(texts)} texts, vocabulary {tok.vocab_size}, {steps} steps")
     train_loop(lm, lm.parameters(), step_fn, steps, 3e-3, log_every)
