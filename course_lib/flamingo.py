@@ -455,8 +455,8 @@ class Flamingo(nn.Module):
         return skip
 
     def gates(self) -> torch.Tensor:
-        """tanh(alpha_xattn) of every gated block (mean over channels for vector gates): (layers,)."""
-        return torch.stack([torch.tanh(b.alpha_xattn).mean() for b in self.xattn_layers.values()]).detach()
+        """How far each cross-attention gate is open: mean |tanh(alpha_xattn)| per gated block, (layers,)."""
+        return torch.stack([torch.tanh(b.alpha_xattn).abs().mean() for b in self.xattn_layers.values()]).detach()
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         """images (B, M, C, H, W) -> frozen encoder tokens (B, M, N, Dv). Nothing here trains, so
