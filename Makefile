@@ -8,6 +8,9 @@ STAMP := $(VENV)/.installed-stamp
 JOBS ?= 2
 export COURSE_CACHE ?= $(CURDIR)/.cache/data
 export PYTHONHASHSEED = 0
+# PyTorch's OpenMP threads sleep instead of spinning while they wait: on a busy laptop (or a CI
+# machine running two test processes) spinning threads slow training down up to tenfold.
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: help setup test test-unit test-notebooks book lab labs notebooks clean
 
