@@ -200,3 +200,23 @@ def test_from_hf_folder_and_blip2_model(tmp_path):
 
         QFormer.from_hf(ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48,
                                            image_size=16, patch_size=8, encoder_hidden_size=24, hidden_act="gelu")))
+
+
+def test_stage2_examples_predict_only_the_answer():
+    from course_lib.qformer import caption_examples, qa_examples, soft_prompt_loss
+    from course_lib.tinylm import TinyLM, TinyLMConfig, build_tokenizer
+
+    tok = build_tokenizer()
+    ds = {"questions": [["how many shapes are there?", "what color is the large object?"]], "answers": [["two", "red"]],
+          "caption": ["a large red circle in the center on a plain background"]}
+    index, ids, targets, kind = qa_examples(ds, tok)
+    assert index.tolist() == [0, 0] and kind.tolist() == [0, 1]
+    assert tok.decode(ids[0]) == "how many shapes are there? two"
+    assert [t for t in targets[0].tolist() if t != -100] == [tok.ids["two"], tok.eos_id]
+    _, cap_ids, cap_targets = caption_examples(ds, tok)
+    assert tok.decode(cap_ids[0]) == ds["caption"][0] and (cap_targets[0] == cap_ids[0]).all()
+    lm = TinyLM(TinyLMConfig(vocab_size=tok.vocab_size, dim=16, depth=1, num_heads=2))
+    prompt = torch.randn(2, 3, 16, requires_grad=True)
+    loss = soft_prompt_loss(lm, prompt, ids, targets)
+    loss.backward()
+    assert torch.isfinite(loss) and prompt.grad.abs().sum() > 0  # the loss reaches the soft prompt
