@@ -181,9 +181,9 @@ class TinyLM(nn.Module):
         The prompt is either ids or embeddings (a soft prompt followed by text embeddings); the
         whole sequence is recomputed at every step (no key/value cache: the model is tiny).
         """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids (B, T) or inputs_embeds (B, T, D)")
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
-        if input_ids is not None and inputs_embeds is not None:
-            raise ValueError("pass exactly one of input_ids or inputs_embeds")
         new, done = [], torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
         for _ in range(max_new_tokens):
             next_id = self(inputs_embeds=x)[:, -1].argmax(-1)  # (B,)

@@ -72,6 +72,8 @@ def test_generate_is_greedy_and_stops_at_eos():
     assert (out[0] == eos).all()
     same = lm.generate(inputs_embeds=lm.embed(prompt), max_new_tokens=5, eos_id=None)
     assert torch.equal(same, new)
+    with pytest.raises(ValueError, match="exactly one"):
+        lm.generate(max_new_tokens=2)
 
 
 def test_lm_loss_ignores_padding():
