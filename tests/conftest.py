@@ -1,4 +1,6 @@
 import os
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +21,11 @@ def report_diff(name: str, ours: torch.Tensor, ref: torch.Tensor, tol: float = 1
     assert ours.shape == ref.shape, f"{name}: shape {tuple(ours.shape)} vs reference {tuple(ref.shape)}"
     assert ref.abs().max() > 0 and ref.std() > 1e-3, f"{name}: the reference output is degenerate"
     diff = (ours - ref).abs().max().item()
-    print(f"[parity] {name}: max abs diff {diff:.2e} (tolerance {tol:.0e})")
+    line = f"{name}: max abs diff {diff:.2e} (tolerance {tol:.0e})"
+    print(f"[parity] {line}")
+    if os.environ.get("COURSE_PARITY_LOG"):  # gathered from every xdist worker for the summary
+        with open(os.environ["COURSE_PARITY_LOG"], "a") as f:
+            f.write(f"{diff:.3e}\t{line}\n")
     assert diff <= tol, f"{name}: max abs diff {diff:.3e} > {tol:.0e}"
     return diff
 
@@ -32,3 +38,27 @@ def randomize_(model: torch.nn.Module, std: float = 0.2, seed: int = 0) -> torch
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * std)
     return model
+
+
+def pytest_configure(config):
+    # The controller (not the xdist workers) makes one log that every worker appends to.
+    if not hasattr(config, "workerinput"):
+        path = Path(tempfile.gettempdir()) / f"course-parity-{os.getpid()}.log"
+        path.write_text("")
+        os.environ["COURSE_PARITY_LOG"] = str(path)
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    path = os.environ.get("COURSE_PARITY_LOG")
+    if hasattr(config, "workerinput") or not path or not Path(path).exists():
+        return
+    rows = [line.split("\t", 1) for line in Path(path).read_text().splitlines() if "\t" in line]
+    if not rows:
+        return
+    tr = terminalreporter
+    tr.write_sep("=", f"parity and numerical agreement: {len(rows)} comparisons (max abs difference)")
+    for _, line in sorted(rows, key=lambda r: r[1]):
+        tr.write_line(line)
+    worst = max(rows, key=lambda r: float(r[0]))
+    tr.write_line(f"worst: {worst[1]}")
+    Path(path).unlink()
