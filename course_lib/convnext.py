@@ -24,6 +24,7 @@ from torch import nn
 
 from .hf import cfg, load_hf_checkpoint, rename_keys
 from .layers import DropPath, LayerScale, load_state_dict_checked
+from .mae import mae_loss  # FCMAE's loss is MAE's masked loss on the cells
 from .vit import patchify
 
 
@@ -490,13 +491,7 @@ def fcmae_loss(
     mask: (B, gh, gw) with L = gh*gw, 1 = masked. norm_pix: the target is each patch normalized by
     its own mean and variance.
     """
-    target = patchify(images, patch_size)  # (B, L, p*p*C)
-    if norm_pix:
-        mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
-        target = (target - mean) / (var + 1e-6) ** 0.5
-    per_patch = ((pred - target) ** 2).mean(dim=-1)  # (B, L)
-    m = mask.flatten(1)
-    return (per_patch * m).sum() / m.sum().clamp(min=1)
+    return mae_loss(pred, patchify(images, patch_size), mask.flatten(1).to(pred.dtype), norm_pix=norm_pix)
 
 
 class FCMAE(nn.Module):
