@@ -6,7 +6,8 @@
 
 In a solution, the code between `# BEGIN SOLUTION` and `# END SOLUTION` is replaced by a stub
 that raises NotImplementedError (with the text after `# BEGIN SOLUTION`, if any, as its message);
-cells tagged `remove-in-lab` are dropped; outputs are cleared. Each lab is written as MyST
+cells tagged `remove-in-lab` are dropped; outputs are cleared; links to the solution's own .ipynb
+(its "Open in Colab" badge) point to the lab's. Each lab is written as MyST
 Markdown and as .ipynb. labs/.manifest.json records a hash of every generated file, so that a lab
 a student has edited is never overwritten: generation refuses, and --force keeps a backup.
 """
@@ -70,6 +71,8 @@ def make_lab(solution: Path) -> nbformat.NotebookNode:
         if cell.cell_type == "code":
             cell.source = strip_solutions(cell.source, f"{solution.name}, cell {i + 1}")
             cell.outputs, cell.execution_count = [], None
+        else:  # the solution's "Open in Colab" badge opens the student version
+            cell.source = cell.source.replace(f"/solutions/{solution.stem}.ipynb", f"/labs/{solution.stem}.ipynb")
         cells.append(cell)
     # The banner goes after the title cell.
     cells.insert(1, nbformat.v4.new_markdown_cell(BANNER.format(name=solution.stem)))

@@ -2,24 +2,37 @@
 
     python scripts/build_book.py                # execute every notebook and build the book
     python scripts/build_book.py --no-execute   # only check and build the pages
+    python scripts/build_book.py --offline      # the offline build, even when online
 
-Online, this builds the HTML site with the book theme into _build/html. Offline (no route to
-api.mystmd.org, where MyST downloads its theme), it builds the complete site content instead into
-_build/site: every page with its executed outputs and figures, cross-references and the search
-index, with --strict so that any broken reference fails the build. The theme is then replaced by
-an empty placeholder in _build/templates.
+First it writes the generated pages (the `course_lib` API reference and the references page,
+scripts/book_pages.py). Then:
+
+- Online, it builds the HTML site with the book theme into _build/html (`myst build --html`,
+  which downloads the theme), ready to publish on any static host.
+- Offline (no route to api.mystmd.org, where MyST downloads its theme), it builds the complete
+  site content instead into _build/site: every page with its executed outputs and figures,
+  cross-references, citations and the search index. The theme is replaced by an empty
+  placeholder in _build/templates, and the remote "Open in Colab" badge image by a local copy
+  (book/colab-badge.svg) in MyST's image cache.
+
+Both run with --strict, so a broken cross-reference, citation or image fails the build. Then the
+result is checked: every page of the table of contents is there and, when executed, every lecture
+page holds its executed figures (`check_site`).
 
 Notebooks execute on a Jupyter server that this script starts itself (with root allowed, since
-containers and CI often run as root, and a random token) and always stops afterwards, so no
-server is left running.
+containers and CI often run as root, and a random token) and always stops afterwards, kernels
+included, so no server is left running.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import secrets
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -30,7 +43,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+SITE = ROOT / "_build" / "site"
 THEME = ROOT / "_build" / "templates" / "site" / "myst" / "book-theme"
+COLAB_BADGE = "https://colab.research.google.com/assets/colab-badge.svg"
+# Pages of the table of contents, by folder; lectures are the pages that must show figures.
+PAGE_FOLDERS = ("lectures", "labs", "solutions", "data", "book/api")
 
 
 def is_online(timeout: float = 5.0) -> bool:
@@ -53,7 +70,9 @@ def start_jupyter(token: str, port: int) -> subprocess.Popen:
     env = {**os.environ, "JUPYTER_CONFIG_DIR": str(config_dir)}
     cmd = [str(BIN / "jupyter"), "server", "--no-browser", f"--port={port}", "--ip=127.0.0.1",
            f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={ROOT}"]
-    server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Its own process group, so that stopping it also stops every kernel it started.
+    server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
     for _ in range(120):
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/api/status?token={token}", timeout=1)
@@ -62,8 +81,22 @@ def start_jupyter(token: str, port: int) -> subprocess.Popen:
             if server.poll() is not None:
                 raise RuntimeError(f"the Jupyter server exited with code {server.returncode}: run `{' '.join(cmd)}` to see why")
             time.sleep(0.5)
-    server.terminate()
+    stop(server)
     raise RuntimeError("the Jupyter server did not start within 60 s")
+
+
+def stop(server: subprocess.Popen) -> None:
+    """Stop the server (it shuts its kernels down), then anything left in its process group."""
+    server.terminate()
+    try:
+        server.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
+    try:
+        os.killpg(server.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def prefill_offline_theme() -> None:
@@ -77,14 +110,86 @@ def prefill_offline_theme() -> None:
     (THEME / ".offline-placeholder").write_text("made by scripts/build_book.py for offline builds\n")
 
 
-def summarize(site: Path) -> str:
-    pages = sorted((site / "content").glob("*.json"))
-    outputs = figures = 0
-    for page in pages:
-        text = page.read_text()
-        outputs += text.count('"type":"output"') + text.count('"type": "output"')
-        figures += text.count("image/png")
-    return f"{len(pages)} pages, {outputs} executed outputs, {figures} figures"
+def prefill_offline_images() -> None:
+    """MyST downloads remote images into _build/site/public/<md5 of the URL>.<ext> and reuses a
+    file already there. Offline, put the local copy of the Colab badge there."""
+    public = SITE / "public"
+    public.mkdir(parents=True, exist_ok=True)
+    cached = public / (hashlib.md5(COLAB_BADGE.encode()).hexdigest() + ".svg")
+    if not cached.exists():
+        shutil.copyfile(ROOT / "book" / "colab-badge.svg", cached)
+
+
+def expected_pages() -> list[str]:
+    """The source file of every page the table of contents lists."""
+    pages = ["README.md", "book/references.md"]
+    for folder in PAGE_FOLDERS:
+        pages += sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / folder).glob("*.md"))
+    return pages
+
+
+def page_contents(site: Path = SITE) -> dict[str, dict]:
+    """Built page JSON by source file (`lectures/01_vit.md`)."""
+    out = {}
+    for path in (site / "content").glob("*.json"):
+        page = json.loads(path.read_text())
+        location = page.get("location", "").lstrip("/")
+        if location:
+            out[location] = page
+    return out
+
+
+def count_nodes(node, kind: str) -> int:
+    if isinstance(node, dict):
+        return (node.get("type") == kind) + sum(count_nodes(v, kind) for v in node.values())
+    if isinstance(node, list):
+        return sum(count_nodes(v, kind) for v in node)
+    return 0
+
+
+def unresolved_links(node) -> list[str]:
+    """Links MyST could not resolve: `#label` or a relative file that is not a page or a static
+    file. (A missing `#label` already fails --strict through myst.yml's error_rules.)"""
+    if isinstance(node, list):
+        return [u for v in node for u in unresolved_links(v)]
+    if not isinstance(node, dict):
+        return []
+    found = [u for v in node.values() for u in unresolved_links(v)]
+    url = node.get("url", "")
+    if node.get("type") == "link" and not (node.get("internal") or node.get("static")):
+        if url.startswith("#") or (":" not in url and url.split("#")[0].endswith((".md", ".ipynb"))):
+            found.append(url)
+    return found
+
+
+def figures(page: dict) -> int:
+    """Executed image outputs (PNG/SVG figures) on a page."""
+    return json.dumps(page["mdast"]).count('"image/png"')
+
+
+def check_site(executed: bool, site: Path = SITE) -> list[str]:
+    """What is missing from a built site: pages, executed figures, resolved references."""
+    problems = []
+    pages = page_contents(site)
+    for source in expected_pages():
+        if source not in pages:
+            problems.append(f"{source}: no page was built")
+    for source, page in pages.items():
+        for url in unresolved_links(page["mdast"]):
+            problems.append(f"{source}: the link {url!r} leads nowhere")
+        if source.startswith("lectures/") and executed and figures(page) == 0:
+            problems.append(f"{source}: no executed figure on the page")
+        if source.startswith("lectures/") and "colab.research.google.com" not in json.dumps(page["mdast"]):
+            problems.append(f"{source}: no 'Open in Colab' badge")
+    return problems
+
+
+def summarize(site: Path = SITE) -> str:
+    pages = page_contents(site)
+    outputs = sum(count_nodes(p["mdast"], "output") for p in pages.values())
+    figs = sum(figures(p) for p in pages.values())
+    cites = sum(len(p.get("references", {}).get("cite", {}).get("order", [])) for p in pages.values())
+    return f"{len(pages)} pages, {outputs} executed outputs, {figs} figures, {cites} citations"
 
 
 def main() -> int:
@@ -93,14 +198,16 @@ def main() -> int:
     p.add_argument("--offline", action="store_true", help="build the site content even if online")
     args = p.parse_args()
 
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "book_pages.py")], cwd=ROOT, check=True)
     online = not args.offline and is_online()
     myst = str(BIN / "myst")
     if online:
-        cmd = [myst, "build", "--html"]
+        cmd = [myst, "build", "--html", "--strict"]
     else:
         prefill_offline_theme()
+        prefill_offline_images()
         cmd = [myst, "build", "--site", "--strict"]
-    env = {**os.environ, "MYST_NO_UPDATE_NOTIFIER": "1"}
+    env = {**os.environ, "MYST_NO_UPDATE_NOTIFIER": "1", "NO_UPDATE_NOTIFIER": "1"}
     server = None
     if not args.no_execute:
         cmd.append("--execute")
@@ -108,20 +215,21 @@ def main() -> int:
         server = start_jupyter(token, port)
         env.update(JUPYTER_BASE_URL=f"http://127.0.0.1:{port}", JUPYTER_TOKEN=token)
     print(("online: " if online else "offline: ") + " ".join(cmd[1:]), flush=True)
+    start = time.perf_counter()
     try:
         rc = subprocess.run(cmd, cwd=ROOT, env=env).returncode
     finally:
         if server is not None:
-            server.terminate()
-            try:
-                server.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                server.kill()
+            stop(server)
     if rc != 0:
         print(f"myst build failed (exit code {rc})", file=sys.stderr)
         return rc
+    problems = check_site(executed=not args.no_execute)
+    if problems:
+        print("the built book is incomplete:\n  " + "\n  ".join(problems), file=sys.stderr)
+        return 1
     where = ROOT / "_build" / ("html" if online else "site")
-    print(f"book built in {where.relative_to(ROOT)}: {summarize(ROOT / '_build' / 'site')}")
+    print(f"book built in {where.relative_to(ROOT)} in {time.perf_counter() - start:.0f} s: {summarize()}")
     if not online:
         print("offline build: the HTML theme was not downloaded; run `make book` online for _build/html")
     return 0
