@@ -19,6 +19,7 @@ help:
 	@echo "make test       run every test: library, parity, labs, notebook budgets"
 	@echo "make lab        open JupyterLab on the course"
 	@echo "make labs       regenerate labs/ from solutions/ (FORCE=1 to replace edited labs, with a backup)"
+	@echo "make grade      grade students' lab notebooks: SUBMISSIONS=folder/ [OUT=gradebook/] (README)"
 	@echo "make notebooks  rewrite the .ipynb copies from the .md sources (solutions executed)"
 
 setup: $(STAMP)
@@ -52,6 +53,12 @@ lab: $(STAMP)
 
 labs: $(STAMP)
 	$(BIN)/python -m course_lib.labs $(if $(FORCE),--force,)
+
+# Grade a folder of students' lab notebooks (instructors): make grade SUBMISSIONS=path/ [OUT=gradebook/] [LAB=01]
+.PHONY: grade
+grade: $(STAMP)
+	$(if $(SUBMISSIONS),,$(error give the submissions: make grade SUBMISSIONS=path/to/folder))
+	$(BIN)/python -m course_lib.grade $(SUBMISSIONS) --out $(or $(OUT),gradebook) --jobs $(JOBS) $(if $(LAB),--lab $(LAB),)
 
 notebooks: $(STAMP)
 	$(BIN)/jupytext --to ipynb lectures/*.md
