@@ -16,7 +16,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 
 help:
 	@echo "make book       execute the lectures and build the MyST book (_build/)"
-	@echo "make test       run every test: library, parity, labs, notebook budgets"
+	@echo "make test       run every test: library, parity, labs, notebook budgets, browser clients"
 	@echo "make lab        open JupyterLab on the course"
 	@echo "make labs       regenerate labs/ from solutions/ (FORCE=1 to replace edited labs, with a backup)"
 	@echo "make grade      grade students' lab notebooks: SUBMISSIONS=folder/ [OUT=gradebook/] (README)"
@@ -33,17 +33,31 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(MAKE) test-unit
 	$(MAKE) test-notebooks
+	$(MAKE) test-browser
 
 # Library, parity and tooling tests, two processes.
 test-unit: $(STAMP)
-	$(BIN)/python -m pytest -n $(JOBS) --dist loadfile -m "not notebook" tests
+	$(BIN)/python -m pytest -n $(JOBS) --dist loadfile -m "not notebook and not serial" tests
 
 # Notebooks one at a time, so that each one's time is what a 2-core laptop sees:
 # lectures are executed, solutions are compared with their recorded check output,
 # and the generated labs are executed and must report every exercise as not done.
+# Then the timing-sensitive tests (marker `serial`: CPU throughput against transformers).
 test-notebooks: $(STAMP)
 	$(BIN)/python -m pytest -p no:cacheprovider --nbval-lax --nbval-current-env lectures/*.ipynb solutions/*.ipynb
-	$(BIN)/python -m pytest -m notebook tests
+	$(BIN)/python -m pytest -m "notebook or serial" tests
+
+# The course in real clients (tests marked `browser` and `colab`, a few minutes): a lecture and a
+# lab run in JupyterLab and a lecture exported to HTML, in headless Chromium (screenshots in
+# _build/screenshots/); the Colab install cell in a fresh virtual environment.
+.PHONY: test-browser browser-setup
+test-browser: $(STAMP) browser-setup
+	$(BIN)/python -m pytest -p no:cacheprovider -m "browser or colab" tests
+
+# Debian's chromium for the browser tests (CI runs as root; elsewhere apt-get asks through sudo).
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+browser-setup:
+	@command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium; }
 
 book: $(STAMP)
 	$(BIN)/python scripts/build_book.py
