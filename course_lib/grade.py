@@ -53,7 +53,6 @@ import textwrap
 import threading
 import time
 import traceback
-import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -68,10 +67,7 @@ VERSION = "1"  # kept in the gradebook: a new version grades everything again
 MISSING, ERROR = "MISSING", "ERROR"
 FIELDS = ["student", "lab", "number", "exercise", "points", "max_points", "status", "reason"]
 SETUP_S, GRACE_S = 120, 5  # for a worker to start; past its time limit, before a step is killed
-_collect_lock = threading.Lock()
-# Under `python -m course_lib.grade` each worker imports this module again as its __main__ (see
-# multiprocessing's forkserver), and runpy warns that it is imported already: it is, on purpose.
-warnings.filterwarnings("ignore", "'course_lib.grade' found in sys.modules", RuntimeWarning)
+_collect_lock, _start_lock = threading.Lock(), threading.Lock()
 
 
 class GradeError(Exception):
@@ -343,7 +339,12 @@ def run_notebook(cells: list[str], lab: str, salt: int, opts) -> tuple[dict, dic
                        skip_cells=sorted(skip_cells), skip_exercises=sorted(skip_exercises))
             (tmp / "job.json").write_text(json.dumps(job))
             proc = context.Process(target=importlib.import_module("course_lib.grade")._worker, args=(str(tmp / "job.json"),))
-            proc.start()
+            with _start_lock:  # a worker needs nothing from __main__: multiprocessing would run it again there
+                main, sys.modules["__main__"] = sys.modules["__main__"], ModuleType("__main__")
+                try:
+                    proc.start()
+                finally:
+                    sys.modules["__main__"] = main
             why = None
             while why is None and proc.is_alive():
                 proc.join(0.2)
@@ -541,6 +542,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if min(opts.timeout, opts.total, opts.memory, opts.jobs) <= 0:
             raise GradeError("--timeout, --total, --memory and --jobs must be positive")
+        if opts.memory < 1:
+            raise GradeError("--memory must be at least 1 (GB): a kernel with torch imported takes about 0.7 GB")
         opts.lab = lab_checks(opts.lab).__name__[-2:] if opts.lab else None
         if opts.out.exists() and not opts.out.is_dir():
             raise GradeError(f"--out {opts.out} is a file: give a folder")

@@ -119,6 +119,7 @@ def test_find_submissions_flat_per_student_folders_and_hidden_files(tmp_path):
     (["{empty}"], "no submissions in"),
     (["{empty}", "--lab", "12"], "there is no lab '12'"),
     (["{empty}", "--timeout", "0"], "must be positive"),
+    (["{empty}", "--memory", "0.5"], "--memory must be at least 1 (GB)"),
     (["{file}", "--out", "{file}"], "is a file: give a folder"),
 ])
 def test_command_line_errors_are_one_clear_line(tmp_path, capsys, args, message):
