@@ -27,7 +27,9 @@ Output (--out, default gradebook/): gradebook.csv and gradebook.json, one row pe
 exercise (points, status PASS/FAIL/TODO/MISSING/ERROR, reason), and feedback/STUDENT.txt, each
 replaced atomically after every submission; submissions are only read. A rerun grades only the
 submissions whose bytes, or the grader's version or settings, changed (--regrade: all of them), so
-an interrupted batch resumes and a finished one comes out the same, byte for byte.
+an interrupted batch resumes and a finished one comes out the same, byte for byte. POSIX only (Linux,
+macOS); it keeps honest mistakes and cheating out of the grades, but it is not a security sandbox:
+grade untrusted files in a container.
 """
 
 from __future__ import annotations
@@ -264,12 +266,16 @@ def _worker(job_path: str) -> None:
     os.setsid()  # a process group of its own: killing the group kills what the notebook started too
     job = json.loads(Path(job_path).read_text())
     out = Path(job_path).parent
-    os.chdir(out)
-    os.environ.update(MPLBACKEND="Agg", IPYTHONDIR=str(out / "ipython"))
+    (out / "work").mkdir()
+    os.chdir(out / "work")  # the notebook's files go there, away from the grader's
+    os.environ.update(MPLBACKEND="Agg", IPYTHONDIR=str(out / "work" / ".ipython"))
     log = os.open(out / "log.txt", os.O_WRONLY | os.O_CREAT)
     os.dup2(log, 1), os.dup2(log, 2)
     limit = int(job["memory_gb"] * 2**30)
-    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))  # hard as well: the notebook cannot raise it
+    try:
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))  # hard as well: the notebook cannot raise it
+    except (ValueError, OSError):  # macOS may refuse it: no memory limit there
+        pass
     progress = out / "progress"  # the current step, for the grader to know what killed us
     progress.write_text("setup")
     torch.set_num_threads(1)
@@ -370,7 +376,7 @@ def run_notebook(cells: list[str], lab: str, salt: int, opts) -> tuple[dict, dic
             why = why or f"the kernel died ({f'signal {-rc}' if rc < 0 else f'exit code {rc}'}{', out of memory?' if rc == -9 else ''})"
             if step == "setup":  # before any student code
                 log = (tmp / "log.txt").read_text(errors="replace").strip().split("\n") if (tmp / "log.txt").exists() else [""]
-                raise OSError(f"the worker failed to start: {why}: {log[-1][:200]}")
+                raise OSError(f"the worker failed to start: {why}" + (f": {log[-1][:200]}" if log[-1] else ""))
             if "whole notebook" in why:
                 raise RuntimeError(why)
             if step.startswith("cell "):
