@@ -154,6 +154,7 @@ def fit(
     clip_grad: float | None = None,
     compile: bool = False,
     channels_last: bool = False,
+    fused: bool | None = None,
     strategy: str = "ddp",
 ) -> History:
     """Train `model` on `data` (a tuple of tensors, images first) and return its History.
@@ -162,7 +163,8 @@ def fit(
     `loss_fn` returns a correct-count (the default classification loss does). `clip_grad` caps
     the norm of all gradients together (the norm is logged either way).
 
-    Speed: on a GPU the optimizer is fused AdamW and matmuls run in bf16 autocast;
+    Speed: on a GPU the optimizer is fused AdamW (`fused=None` means: on CUDA) and matmuls run
+    in bf16 autocast;
     `compile=True` wraps the training computation in `torch.compile` and `channels_last=True`
     stores images and convolution weights channels-last (faster for ConvNeXt on GPUs).
 
@@ -188,7 +190,7 @@ def fit(
         step_fn = wrap_distributed(step_fn, strategy, device)
     if compile:
         step_fn = torch.compile(step_fn)
-    fused = device.type == "cuda"
+    fused = device.type == "cuda" if fused is None else fused
     opt = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, fused=fused)
     steps_per_epoch = math.ceil(data[0].shape[0] / batch_size)
     total = epochs * steps_per_epoch
