@@ -398,7 +398,7 @@ def _kill(proc: multiprocessing.Process) -> None:
     """Stop a worker and whatever the notebook started: they share the worker's process group."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:  # no group: it died before making one, or nothing is left in it
+    except OSError:  # no group: it died before making one, or nothing is left in it
         pass
     if proc.is_alive():
         proc.kill()

@@ -17,7 +17,6 @@ import io
 import json
 import re
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
@@ -195,4 +194,3 @@ if __name__ == "__main__":
             grade_into(Path(tmp))
             shutil.copy(Path(tmp) / "gradebook.csv", EXPECTED)
         print(f"wrote {EXPECTED.relative_to(ROOT)}")
-    sys.exit(0)
