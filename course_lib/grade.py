@@ -17,11 +17,12 @@ How one submission is graded, so that nothing in it can grade itself:
    cases of its check, under the same time limit, and only its outputs are kept.
 3. This process, which never runs student code, builds the same cases, computes the expected
    outputs with course_lib and compares. The cases have the shapes of the notebook's check cells
-   but new random values (their seeds are offset by a number taken from the submission's hash), so
-   outputs copied into the notebook fail, and whatever the notebook does to course_lib, torch or its
-   check cells changes only its own process. On top of that, reading the code: a notebook that
-   assigns to course_lib or the checks (or to torch's comparisons) gets no credit for the exercises
-   it targets (all of them when it names none), nor does an exercise that uses course_lib.
+   but new random values (their seeds are offset by a number taken from the submission's hash; masks
+   and index tables have none), so outputs copied into the notebook fail, and whatever the notebook
+   does to course_lib, torch or its check cells changes only its own process. On top of that,
+   reading the code: a notebook that assigns to course_lib or the checks (or to torch's
+   comparisons) gets no credit for the exercises it targets (all of them when it names none), nor
+   does an exercise that uses course_lib.
 
 Output (--out, default gradebook/): gradebook.csv and gradebook.json, one row per student and
 exercise (points, status PASS/FAIL/TODO/MISSING/ERROR, reason), and feedback/STUDENT.txt, each
