@@ -111,11 +111,25 @@ def source_link(obj, path: str) -> str:
         return f"[source]({SOURCE_URL}{path})"
 
 
-def module_page(short: str, module) -> str:
+def teaching_pages() -> dict[str, list[str]]:
+    """Module -> links to the lectures and labs whose header links to its API page."""
+    out: dict[str, list[str]] = {}
+    for folder in ("lectures", "labs"):
+        for path in sorted((ROOT / folder).glob("*.md")):
+            text = path.read_text()
+            title = next((ln[2:] for ln in text.splitlines() if ln.startswith("# ")), path.stem)
+            for short in dict.fromkeys(re.findall(r"\]\(#api-([a-z0-9]+)\)", text)):
+                out.setdefault(short, []).append(f"[{title}](../../{folder}/{path.name})")
+    return out
+
+
+def module_page(short: str, module, taught_in: list[str] = ()) -> str:
     path = Path(module.__file__).relative_to(ROOT).as_posix()
     lines = [f"---\ntitle: course_lib.{short}\n---\n", f"({label(short)})=",
              f"# `course_lib.{short}`\n", markdown(inspect.getdoc(module)), "",
              f"Source: [{path}]({SOURCE_URL}{path})\n"]
+    if taught_in:
+        lines.append("Taught in: " + " · ".join(taught_in) + "\n")
     seen = {label(short)}
     for name, obj in public_members(module):
         kind = "class" if inspect.isclass(obj) else "function"
@@ -146,10 +160,10 @@ def module_page(short: str, module) -> str:
 def api_pages() -> dict[str, str]:
     import course_lib
 
-    pages, rows = {}, []
+    pages, rows, taught = {}, [], teaching_pages()
     for info in sorted(pkgutil.iter_modules(course_lib.__path__), key=lambda m: m.name):
         module = importlib.import_module(f"course_lib.{info.name}")
-        pages[f"api/course_lib.{info.name}.md"] = module_page(info.name, module)
+        pages[f"api/course_lib.{info.name}.md"] = module_page(info.name, module, taught.get(info.name, []))
         summary = (inspect.getdoc(module) or "").split("\n\n")[0].replace("\n", " ")
         rows.append(f"| [`course_lib.{info.name}`](#{label(info.name)}) | {markdown(summary)} |")
     index = [

@@ -1,0 +1,123 @@
+"""A notebook's Colab install cell works on a clean Python.
+
+Colab runs a notebook in a Python that has torch and Jupyter but not the course. The notebook's
+first cell sees `google.colab` imported and runs `%pip install "vit-course @ git+<repository>"`.
+This test does the same on this machine: a fresh virtual environment with only torch and
+ipykernel (what Colab brings), a stand-in `google.colab` module imported at kernel start, and the
+install cell pointed at this repository through `git+file://` (so, like Colab from GitHub, it
+installs the committed tree, as a wheel, not the working folder). Then the whole lab runs, its
+checks report, `course_lib` is imported from the new environment, and the shipped checkpoints are
+in the installed package.
+
+About 2 minutes (mostly pip). Run with `make test-browser`; the `colab` marker keeps it out of
+`make test-unit`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+from nbclient.exceptions import CellExecutionError
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK = ROOT / "labs" / "01_vit.ipynb"
+REPO_URL = "git+https://github.com/vit-course/vit-course"
+TORCH = os.environ.get("TORCH", "torch==2.13.0")
+
+pytestmark = pytest.mark.colab
+
+
+@pytest.fixture(scope="module", autouse=True)  # module scope: runs before the other module fixtures
+def _only_when_selected(request):
+    """Slow and needing more than the library: run only when asked for (`make test-browser`,
+    i.e. pytest -m "browser or colab"), never as part of a plain `pytest tests`."""
+    if "colab" not in (request.config.getoption("markexpr") or ""):
+        pytest.skip("run with `make test-browser` (pytest -m \"browser or colab\")")
+
+
+def base_python() -> str:
+    """The interpreter this project's venv was made from (a venv of a venv would share nothing,
+    but this keeps the same Python version)."""
+    return getattr(sys, "_base_executable", None) or shutil.which("python3")
+
+
+def install_url() -> str:
+    if (ROOT / ".git").exists() and shutil.which("git"):
+        return f"git+file://localhost{ROOT}"  # pip rejects `name @ git+file:///path` (no host)
+    return str(ROOT)  # not a clone: install the folder itself
+
+
+@pytest.fixture(scope="module")
+def colab_like():
+    """A clean venv with only what Colab ships that matters here, and a kernel spec for it.
+    (Its own temporary folder: pytest's basetemp is pruned by any concurrent pytest run.)"""
+    tmp = Path(tempfile.mkdtemp(prefix="course-colab-"))
+    venv = tmp / "venv"
+    subprocess.run([base_python(), "-m", "venv", str(venv)], check=True, capture_output=True)
+    python = venv / "bin" / "python"
+    pip = [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+    proc = subprocess.run(pip + [TORCH, "ipykernel"], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    # `import google.colab` works and has happened before the first cell, as on Colab. No
+    # google/__init__.py, so `google` stays a namespace package (protobuf lives there too).
+    stub = tmp / "colab-stub"
+    (stub / "google" / "colab").mkdir(parents=True)
+    (stub / "google" / "colab" / "__init__.py").write_text('"""Stand-in for Colab\'s module (tests/test_colab.py)."""\n')
+    (stub / "sitecustomize.py").write_text("import google.colab  # noqa: F401  (as Colab's kernel does)\n")
+    jupyter_path = tmp / "share" / "jupyter"  # a kernel spec "colab" for nbclient to find
+    (jupyter_path / "kernels" / "colab").mkdir(parents=True)
+    (jupyter_path / "kernels" / "colab" / "kernel.json").write_text(json.dumps({
+        "argv": [str(python), "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "Colab stand-in", "language": "python",
+        "env": {"PYTHONPATH": str(stub), "MPLBACKEND": "module://matplotlib_inline.backend_inline"},
+    }))
+    yield tmp, python, jupyter_path
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_lab_installs_and_runs_like_on_colab(colab_like, monkeypatch):
+    tmp, python, jupyter_path = colab_like
+    monkeypatch.setenv("JUPYTER_PATH", str(jupyter_path))
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    install = nb.cells[next(i for i, c in enumerate(nb.cells) if c.cell_type == "code")]
+    assert REPO_URL in install.source and "google.colab" in install.source, install.source
+    install.source = install.source.replace(REPO_URL, install_url())
+    shipped = sorted(p.name for p in (ROOT / "course_lib" / "checkpoints").glob("*.safetensors"))
+    nb.cells.append(nbformat.v4.new_code_cell(
+        "import course_lib, sys\n"
+        "from importlib.resources import files\n"
+        "print('course_lib from', course_lib.__file__)\n"
+        "print('checkpoints', sorted(p.name for p in files('course_lib').joinpath('checkpoints').iterdir() if p.name.endswith('.safetensors')))\n"
+        "print('python', sys.executable)"))
+    workdir = tmp / "content"  # Colab's working folder: not the repository, so nothing imports from it
+    workdir.mkdir()
+    # nbclient starts the kernel and shuts it down when the notebook is done.
+    client = NotebookClient(nb, kernel_name="colab", timeout=900, resources={"metadata": {"path": str(workdir)}})
+
+    def text(cell):
+        return "".join(o.get("text", "") + "".join(o.get("data", {}).get("text/plain", "")) for o in cell.outputs)
+
+    try:
+        client.execute()
+    except CellExecutionError as error:
+        pytest.fail(f"{error}\n\ninstall cell printed: {text(install)[-3000:]}")
+
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+    assert not errors, errors[0]
+    report = "".join(text(c) for c in nb.cells if c.cell_type == "code")
+    assert "exercises passed" in report and "[TODO]" in report, "the lab's checks did not report"
+    last = text(nb.cells[-1])
+    site = str(python.parent.parent)
+    assert f"course_lib from {site}" in last, f"course_lib was not imported from the fresh environment: {last}"
+    assert f"checkpoints {shipped}" in last, f"the installed package lacks checkpoints: {last} (shipped: {shipped})"
+    summary = next(line for line in report.splitlines() if "exercises passed" in line)
+    print(f"installed from {install_url()} into a fresh venv; the lab ran: {summary}")
