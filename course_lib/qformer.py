@@ -95,17 +95,31 @@ def itc_loss(similarity: torch.Tensor, temperature: torch.Tensor | float) -> tor
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
 
-def sample_hard_negatives(similarity: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_hard_negatives(logits: torch.Tensor, generator: torch.Generator | None = None,
+                          exclude: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """For each image a wrong text, and for each text a wrong image, drawn with probability
-    softmax(similarity) over the others (ALBEF/BLIP hard-negative mining): the confusing pairs
-    are picked most often. similarity (N, N) -> (text index per image (N,), image index per text (N,))."""
-    N = similarity.shape[0]
+    softmax(logits) over the others (ALBEF/BLIP hard-negative mining): the confusing pairs are
+    picked most often. logits (N, N) are the ITC logits, similarity / temperature: a cosine
+    similarity alone lies in [-1, 1], where the softmax is nearly uniform and the "hard"
+    negatives would be random ones.
+
+    exclude (N, N) bool, optional: pairs that must not be drawn besides the diagonal (an identical
+    caption is no negative). Returns (text index per image (N,), image index per text (N,)).
+    """
+    N = logits.shape[0]
     if N < 2:
         raise ValueError("hard negatives need a batch of at least 2 pairs")
-    eye = torch.eye(N, dtype=torch.bool, device=similarity.device)
+    never = torch.eye(N, dtype=torch.bool, device=logits.device)
+    if exclude is not None:
+        never = never | exclude
     with torch.no_grad():
-        w_i2t = similarity.float().softmax(dim=1).masked_fill(eye, 0) + (~eye) * 1e-6
-        w_t2i = similarity.float().softmax(dim=0).T.masked_fill(eye, 0) + (~eye) * 1e-6
+        # A tiny floor keeps every allowed pair drawable when the softmax underflows.
+        w_i2t = logits.float().softmax(dim=1).masked_fill(never, 0) + (~never) * 1e-6
+        w_t2i = logits.float().softmax(dim=0).T.masked_fill(never.T, 0) + (~never.T) * 1e-6
+        # A row with nothing allowed (every caption in the batch identical) falls back to any other pair.
+        eye = torch.eye(N, dtype=torch.bool, device=logits.device)
+        w_i2t = torch.where(w_i2t.sum(1, keepdim=True) > 0, w_i2t, (~eye).float())
+        w_t2i = torch.where(w_t2i.sum(1, keepdim=True) > 0, w_t2i, (~eye).float())
         neg_text = torch.multinomial(w_i2t, 1, generator=generator).squeeze(1)
         neg_image = torch.multinomial(w_t2i, 1, generator=generator).squeeze(1)
     return neg_text, neg_image
@@ -229,6 +243,10 @@ class QFormer(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {"query_tokens", "pos_embed", "log_temperature"}
 
+    def temperature(self) -> torch.Tensor:
+        """The learned ITC temperature, kept in BLIP-2's range [0.001, 0.5]."""
+        return self.log_temperature.exp().clamp(1e-3, 0.5)
+
     def embed_text(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Text ids (B, T) -> word + position embeddings (B, T, D)."""
         if not self.config.vocab_size:
@@ -291,9 +309,13 @@ class QFormer(nn.Module):
         query_feats = self.vision_proj(h[:, :Nq])  # (B, Nq, E)
         text_feats = self.text_proj(h[:, Nq])  # (B, E): the first text token
         sim = max_query_similarity(query_feats, text_feats)  # (B, B)
-        itc = itc_loss(sim, self.log_temperature.exp().clamp(min=1e-3))
-        # ITM: the true pairs, each image with a hard-negative text, each text with a hard-negative image.
-        neg_text, neg_image = sample_hard_negatives(sim.detach(), generator)
+        temperature = self.temperature()
+        itc = itc_loss(sim, temperature)
+        # ITM: the true pairs, each image with a hard-negative text, each text with a hard-negative image,
+        # drawn from the ITC logits (similarity / temperature, as BLIP-2 does). Two identical captions
+        # describe each other's image, so neither is drawn as the other's negative.
+        same_text = (input_ids[:, None, :] == input_ids[None, :, :]).all(-1)  # (B, B)
+        neg_text, neg_image = sample_hard_negatives(sim.detach() / temperature.detach(), generator, exclude=same_text)
         images = torch.cat([image_feats, image_feats, image_feats[neg_image]])
         texts = torch.cat([input_ids, input_ids[neg_text], input_ids])
         h_itm = self(images, texts, "itm")[:, :Nq]  # (3B, Nq, D)

@@ -73,6 +73,41 @@ def test_hard_negatives_are_never_the_positive_and_follow_similarity():
         sample_hard_negatives(torch.zeros(1, 1))
 
 
+def test_hard_negatives_skip_excluded_pairs():
+    logits = torch.tensor([[0.0, 9.0, 1.0], [9.0, 0.0, 1.0], [1.0, 1.0, 0.0]])
+    same = torch.tensor([[False, True, False], [True, False, False], [False, False, False]])  # captions 0 and 1 identical
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        neg_text, neg_image = sample_hard_negatives(logits, g, exclude=same)
+        assert neg_text[:2].tolist() == [2, 2] and neg_image[:2].tolist() == [2, 2]
+    # Everything excluded: fall back to any other pair rather than fail.
+    neg_text, _ = sample_hard_negatives(torch.zeros(2, 2), g, exclude=torch.ones(2, 2, dtype=torch.bool))
+    assert neg_text.tolist() == [1, 0]
+
+
+def test_stage1_draws_hard_negatives_from_temperature_scaled_logits(monkeypatch):
+    """Regression: the negatives were drawn from softmax(cosine similarity), nearly uniform over
+    [-1, 1], so ITM trained on random negatives. BLIP-2 draws them from similarity / temperature."""
+    import course_lib.qformer as qformer_module
+
+    seen = {}
+
+    def spy(logits, generator=None, exclude=None):
+        seen["logits"], seen["exclude"] = logits, exclude
+        return sample_hard_negatives(logits, generator, exclude)
+
+    monkeypatch.setattr(qformer_module, "sample_hard_negatives", spy)
+    torch.manual_seed(0)
+    m = QFormer(QFormerConfig(dim=32, depth=2, num_heads=4, mlp_dim=64, num_queries=4, encoder_dim=24, vocab_size=20, max_text_len=8))
+    ids = torch.randint(4, 20, (5, 6))
+    ids[:, 0], ids[3] = 1, ids[1]  # texts 1 and 3 are the same caption
+    out = m.stage1_losses(torch.randn(5, 9, 24), ids, torch.Generator().manual_seed(0))
+    temperature = m.temperature().item()
+    assert abs(temperature - 0.07) < 1e-6
+    assert torch.allclose(seen["logits"], out["similarity"].detach() / temperature)
+    assert seen["exclude"][1, 3] and seen["exclude"][3, 1] and not seen["exclude"][0, 1]
+
+
 def test_stage1_losses_and_the_masks_matter():
     torch.manual_seed(0)
     m = QFormer(QFormerConfig(dim=32, depth=2, num_heads=4, mlp_dim=64, num_queries=4, encoder_dim=24, vocab_size=20, max_text_len=8))
