@@ -192,6 +192,23 @@ def summarize(site: Path = SITE) -> str:
     return f"{len(pages)} pages, {outputs} executed outputs, {figs} figures, {cites} citations"
 
 
+def run_myst(cmd: list[str], env: dict) -> int:
+    """Run MyST, passing its output through, except one line per widget that a notebook opens:
+    MyST's executor has no widget manager (tqdm's bars and `interact` are widgets), and says so
+    with "Exception opening new comm". The figures are unaffected."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    comms = 0
+    for line in proc.stdout:
+        if "Exception opening new comm" in line:
+            comms += 1
+        else:
+            print(line, end="", flush=True)
+    if comms:
+        print(f"({comms} widget comms could not open while executing: MyST's executor has no widget "
+              "manager; the lectures draw a static figure for the book)")
+    return proc.wait()
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--no-execute", action="store_true", help="build the pages without executing notebooks")
@@ -217,7 +234,7 @@ def main() -> int:
     print(("online: " if online else "offline: ") + " ".join(cmd[1:]), flush=True)
     start = time.perf_counter()
     try:
-        rc = subprocess.run(cmd, cwd=ROOT, env=env).returncode
+        rc = run_myst(cmd, env)
     finally:
         if server is not None:
             stop(server)

@@ -187,6 +187,7 @@ def test_lecture_runs_in_jupyterlab_with_figures_and_widgets(jupyter_lab, browse
     assert page.locator(".jp-OutputArea-output:has-text('Error displaying widget')").count() == 0, \
         "the widget manager is missing: is jupyterlab_widgets installed?"
     assert figures.first.evaluate("img => img.naturalWidth") > 100, "the figure did not load"
+    figures.nth(1 if figures.count() > 1 else 0).scroll_into_view_if_needed()
     page.screenshot(path=str(SHOTS / f"jupyterlab-{LECTURE}.png"))
     cell = page.locator(".jp-CodeCell", has=controls.first).first
     cell.scroll_into_view_if_needed()
