@@ -33,7 +33,7 @@ SHOTS = ROOT / "_build" / "screenshots"
 CHROMIUM = os.environ.get("COURSE_CHROMIUM", "/usr/bin/chromium")
 LECTURE = "03_convnext"  # one of the cheapest lectures (~20 s), with a figure and a widget
 LAB = "01_vit"
-RUN_TIMEOUT_S = int(os.environ.get("COURSE_BROWSER_TIMEOUT", 240))
+RUN_TIMEOUT_S = int(os.environ.get("COURSE_BROWSER_TIMEOUT", 480))
 
 pytestmark = [
     pytest.mark.browser,
