@@ -260,6 +260,19 @@ def to_tensors(ds, image_column: str = "image", label_column: str | None = "labe
     return x, y
 
 
+SCENE_ATTRIBUTES = {"shape": SHAPES, "color": list(COLORS), "background": BACKGROUNDS}
+
+
+def attribute_labels(ds, attribute: str) -> torch.Tensor:
+    """Class index (N,) of one attribute of every scene: the large object's "shape" or "color",
+    or the "background" texture. For probing what features know beyond the shape label."""
+    if attribute not in SCENE_ATTRIBUTES:
+        raise ValueError(f"attribute must be one of {list(SCENE_ATTRIBUTES)}, got {attribute!r}")
+    names = SCENE_ATTRIBUTES[attribute]
+    values = ds["background"] if attribute == "background" else [o[0][attribute] for o in ds["objects"]]
+    return torch.tensor([names.index(v) for v in values])
+
+
 # ----------------------------------------------------------------------------------------------
 # Real images that ship with installed packages
 # ----------------------------------------------------------------------------------------------

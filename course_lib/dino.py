@@ -302,22 +302,36 @@ def crop_resize(images: torch.Tensor, boxes: torch.Tensor, size: int, flip: torc
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
+def luminance(images: torch.Tensor) -> torch.Tensor:
+    """Grayscale (ITU-R 601 luma, as PIL and torchvision): (B, 3, H, W) -> (B, 1, H, W)."""
+    return (images * images.new_tensor([0.299, 0.587, 0.114])[:, None, None]).sum(1, keepdim=True)
+
+
+def adjust_colors(images: torch.Tensor, brightness: torch.Tensor, contrast: torch.Tensor, saturation: torch.Tensor) -> torch.Tensor:
+    """Brightness, then contrast, then saturation, one factor per image (B,), 1 = unchanged.
+
+    As torchvision's ColorJitter: each step blends the *current* image with a reference (black,
+    the mean gray level, the image's own grayscale) and clamps to [0, 1]. Saturation therefore
+    leaves the luminance of the image it receives unchanged.
+    """
+    b, c, s = (f.reshape(-1, 1, 1, 1).to(images) for f in (brightness, contrast, saturation))
+    x = (images * b).clamp(0, 1)
+    mean = luminance(x).mean(dim=(1, 2, 3), keepdim=True)  # (B, 1, 1, 1)
+    x = ((x - mean) * c + mean).clamp(0, 1)
+    gray = luminance(x)  # of the image after brightness and contrast, not of the input
+    return ((x - gray) * s + gray).clamp(0, 1)
+
+
 def color_jitter(images: torch.Tensor, strength: float = 0.4, p_gray: float = 0.2, generator: torch.Generator | None = None) -> torch.Tensor:
     """Random brightness, contrast and saturation per image, then random grayscale.
 
-    images: (B, 3, H, W) in [0, 1]. A simplified version of DINO's photometric augmentations."""
+    images: (B, 3, H, W) in [0, 1]. Factors are drawn uniformly from [1 - strength, 1 + strength];
+    a simplified version of DINO's photometric augmentations (no hue jitter, no blur)."""
     B = images.shape[0]
-
-    def factor() -> torch.Tensor:
-        return torch.empty(B, 1, 1, 1).uniform_(1 - strength, 1 + strength, generator=generator).to(images)
-
-    gray = (images * images.new_tensor([0.299, 0.587, 0.114])[:, None, None]).sum(1, keepdim=True)  # (B, 1, H, W)
-    x = images * factor()
-    x = (x - x.mean(dim=(1, 2, 3), keepdim=True)) * factor() + x.mean(dim=(1, 2, 3), keepdim=True)
-    x = (x - gray) * factor() + gray
+    b, c, s = torch.empty(3, B).uniform_(1 - strength, 1 + strength, generator=generator)
+    x = adjust_colors(images, b, c, s)
     to_gray = (torch.rand(B, 1, 1, 1, generator=generator) < p_gray).to(images)
-    x = x * (1 - to_gray) + x.mean(dim=1, keepdim=True) * to_gray
-    return x.clamp(0, 1)
+    return x * (1 - to_gray) + luminance(x) * to_gray
 
 
 def multi_crop(

@@ -119,3 +119,13 @@ def test_load_hf_reads_a_local_folder_laid_out_like_the_hub(tmp_path):
 def test_load_hf_offline_hub_id_gives_clear_error():
     with pytest.raises(OSError, match="Offline, use the course's own data"):
         data.load_hf("definitely-not-a-local-folder/cifar10")
+
+
+def test_attribute_labels_match_the_objects():
+    ds = data.scenes(20, "train")
+    shapes, colors, backgrounds = (data.attribute_labels(ds, a) for a in ("shape", "color", "background"))
+    assert torch.equal(shapes, torch.tensor(ds["label"]))  # the class label is the large object's shape
+    assert [data.SCENE_ATTRIBUTES["color"][c] for c in colors] == [o[0]["color"] for o in ds["objects"]]
+    assert [data.BACKGROUNDS[b] for b in backgrounds] == ds["background"]
+    with pytest.raises(ValueError, match="attribute must be one of"):
+        data.attribute_labels(ds, "size")
