@@ -1,7 +1,7 @@
 """Train the frozen parts of lectures 07 (BLIP-2) and 08 (Flamingo): a tiny image encoder and a
 tiny language model for the scenes data, saved as safetensors checkpoints.
 
-    python scripts/train_vlm_parts.py                                   # the shipped checkpoints (a few min on 2 CPU cores)
+    python scripts/train_vlm_parts.py                                   # the shipped checkpoints (about 20 + 10 min, one CPU thread)
     python scripts/train_vlm_parts.py --n 64 --steps 2 --out-dir /tmp/vlm   # a smoke run
 
 Image encoder: a ViT (patch 8 on 32x32 scenes with up to 3 objects, no classification head). It is
@@ -10,14 +10,21 @@ layout, which shape and which colour sits there (or none), and how many objects 
 tokens therefore carry shape, colour, position and count, the facts the captions and the
 questions ask about.
 
-Language model: `course_lib.tinylm.TinyLM`, trained on the captions and "question answer" texts of
-the training scenes, half of them after a run of <image> placeholder tokens (where a soft prompt
-will sit). It never sees an image, so it learns the language and the answer priors only.
+Language model: `course_lib.tinylm.TinyLM`, trained on text only, in four kinds of batches:
+the captions and "question answer" texts of the training scenes; the same after a run of <image>
+placeholder tokens (where a soft prompt or an image marker will sit), which carry nothing; a
+caption *before* <bos> followed by a question about that scene and its answer; and a caption before
+<bos> followed by the same caption. It never sees an image. From the last two kinds it learns what
+a large language model knows from reading: to answer, and to describe, from what precedes the text.
+A soft prompt that a connector writes in front of <bos> (lecture 07) can then be read. An LM trained
+on the first two kinds alone learns to ignore its prefix: even a soft prompt made from the true
+answers (an oracle) then barely moves its answers.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -26,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from course_lib import data
+from course_lib.qformer import answer_accuracy, answer_after_captions
 from course_lib.tinylm import (
     IMAGE_ENCODER_CHECKPOINT,
     LM_CHECKPOINT,
@@ -128,44 +136,73 @@ def train_image_encoder(n: int, steps: int, batch: int, out: Path, log_every: in
     print(f"saved {out} ({out.stat().st_size / 1e6:.2f} MB)")
 
 
+def context_examples(ds, tok) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reading examples: caption words, then <bos> question answer <eos> for each of a scene's
+    questions (targets: the answer and <eos>), and caption words, then <bos> caption <eos>
+    (targets: the caption). Returns (qa ids, qa targets, caption ids, caption targets), padded."""
+    qa, qa_t, cap, cap_t = [], [], [], []
+    for caption, questions, answers in zip(ds["caption"], ds["questions"], ds["answers"]):
+        context = tok.encode(caption)
+        for q, a in zip(questions, answers):
+            question, answer = tok.encode(q, bos=True), tok.encode(a, eos=True)
+            qa.append(context + question + answer)
+            qa_t.append([-100] * (len(context) + len(question)) + answer)
+        text = tok.encode(caption, bos=True, eos=True)
+        cap.append(context + text)
+        cap_t.append([-100] * (len(context) + 1) + text[1:])  # <bos> is given, not predicted
+    qa_ids, cap_ids = pad_batch(qa, tok.pad_id), pad_batch(cap, tok.pad_id)
+    return qa_ids, pad_batch(qa_t, -100, qa_ids.shape[1]), cap_ids, pad_batch(cap_t, -100, cap_ids.shape[1])
+
+
 def train_lm(n: int, steps: int, batch: int, out: Path, log_every: int) -> None:
     tok = build_tokenizer()
-    texts = scene_texts(data.scenes(n, "train"))
+    train = data.scenes(n, "train")
+    texts = scene_texts(train)
     ids = pad_batch([tok.encode(t, bos=True, eos=True) for t in texts], tok.pad_id)  # (N, L)
     targets = ids.masked_fill(ids == tok.pad_id, -100)
+    qa_ids, qa_targets, cap_ids, cap_targets = context_examples(train, tok)
     test = data.scenes(min(n, 500), "test")
     lm = TinyLM(TinyLMConfig(vocab_size=tok.vocab_size))
     gen = torch.Generator().manual_seed(0)
 
     def step_fn(step: int):
+        kind = step % 4
+        if kind >= 2:  # a caption, then a question about it (2) or the caption again (3)
+            x, y = (qa_ids, qa_targets) if kind == 2 else (cap_ids, cap_targets)
+            idx = torch.randint(0, x.shape[0], (batch,), generator=gen)
+            return lm_loss(lm(x[idx]), y[idx]), ""
         idx = torch.randint(0, ids.shape[0], (batch,), generator=gen)
-        # Half the batches start with 1..MAX_PREFIX <image> placeholders (never predicted): the LM
-        # learns to read text that starts later than position 0, where a connector's soft prompt
-        # (lecture 07) or an image marker (lecture 08) will sit.
-        k = int(torch.randint(1, MAX_PREFIX + 1, (), generator=gen)) if step % 2 else 0
+        # Every other plain batch starts with 1..MAX_PREFIX <image> placeholders (never predicted):
+        # the LM learns to read text that starts later than position 0, and that a prefix which
+        # says nothing changes nothing.
+        k = int(torch.randint(1, MAX_PREFIX + 1, (), generator=gen)) if kind == 1 else 0
         prefix = torch.full((batch, k), tok.image_id)
         x = torch.cat([prefix, ids[idx]], dim=1)
         y = torch.cat([torch.full((batch, k), -100), targets[idx]], dim=1)
         return lm_loss(lm(x), y), ""
 
-    print(f"language model: {len(texts)} texts, vocabulary {tok.vocab_size}, {steps} steps")
+    print(f"language model: {len(texts)} texts and {len(qa_ids) + len(cap_ids)} reading examples, "
+          f"vocabulary {tok.vocab_size}, {steps} steps")
     train_loop(lm, lm.parameters(), step_fn, steps, 3e-3, log_every)
     test_ids = pad_batch([tok.encode(t, bos=True, eos=True) for t in scene_texts(test)], tok.pad_id)
     with torch.no_grad():
         test_loss = lm_loss(lm(test_ids), test_ids.masked_fill(test_ids == tok.pad_id, -100)).item()
     print(f"language model: test loss {test_loss:.3f} nats/token")
+    reading = answer_accuracy(answer_after_captions(lm, tok, test), test)  # the true caption before <bos>
+    print("  answers with the true caption before <bos>:", ", ".join(f"{k} {v:.2f}" for k, v in reading.items()))
     prompt = torch.tensor([tok.encode("a large", bos=True)])
     print("  sample:", tok.decode(lm.generate(prompt, max_new_tokens=30, eos_id=tok.eos_id)[0]))
-    save_checkpoint(lm, out, test_loss=f"{test_loss:.4f}", steps=steps, train_texts=len(texts))
+    save_checkpoint(lm, out, test_loss=f"{test_loss:.4f}", steps=steps, train_texts=len(texts),
+                    reading_accuracy=json.dumps({k: round(v, 4) for k, v in reading.items()}))
     print(f"saved {out} ({out.stat().st_size / 1e6:.2f} MB)")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--n", type=int, default=4000, help="training scenes")
+    p.add_argument("--n", type=int, default=None, help="training scenes for both models (default: 10000 for the encoder, 4000 for the LM)")
     p.add_argument("--steps", type=int, default=None, help="steps for both models (default: --encoder-steps / --lm-steps)")
-    p.add_argument("--encoder-steps", type=int, default=2500)
-    p.add_argument("--lm-steps", type=int, default=500)
+    p.add_argument("--encoder-steps", type=int, default=12000)
+    p.add_argument("--lm-steps", type=int, default=6000)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--only", choices=["encoder", "lm"], default=None)
     p.add_argument("--out-dir", type=Path, default=CHECKPOINTS)
@@ -175,10 +212,10 @@ def main() -> None:
     log_every = 50 if (args.steps or 100) >= 50 else 1
     if args.only != "lm":
         seed_everything(0)
-        train_image_encoder(args.n, args.steps or args.encoder_steps, args.batch, args.out_dir / IMAGE_ENCODER_CHECKPOINT, log_every)
+        train_image_encoder(args.n or 10000, args.steps or args.encoder_steps, args.batch, args.out_dir / IMAGE_ENCODER_CHECKPOINT, log_every)
     if args.only != "encoder":
         seed_everything(0)
-        train_lm(args.n, args.steps or args.lm_steps, args.batch, args.out_dir / LM_CHECKPOINT, log_every)
+        train_lm(args.n or 4000, args.steps or args.lm_steps, args.batch, args.out_dir / LM_CHECKPOINT, log_every)
 
 
 if __name__ == "__main__":

@@ -42,14 +42,6 @@ pytestmark = [
 playwright = pytest.importorskip("playwright.sync_api")
 
 
-@pytest.fixture(scope="module", autouse=True)  # module scope: runs before the other module fixtures
-def _only_when_selected(request):
-    """Slow and needing more than the library: run only when asked for (`make test-browser`,
-    i.e. pytest -m "browser or colab"), never as part of a plain `pytest tests`."""
-    if "browser" not in (request.config.getoption("markexpr") or ""):
-        pytest.skip("run with `make test-browser` (pytest -m \"browser or colab\")")
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

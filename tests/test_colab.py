@@ -36,14 +36,6 @@ TORCH = os.environ.get("TORCH", "torch==2.13.0")
 pytestmark = pytest.mark.colab
 
 
-@pytest.fixture(scope="module", autouse=True)  # module scope: runs before the other module fixtures
-def _only_when_selected(request):
-    """Slow and needing more than the library: run only when asked for (`make test-browser`,
-    i.e. pytest -m "browser or colab"), never as part of a plain `pytest tests`."""
-    if "colab" not in (request.config.getoption("markexpr") or ""):
-        pytest.skip("run with `make test-browser` (pytest -m \"browser or colab\")")
-
-
 def base_python() -> str:
     """The interpreter this project's venv was made from (a venv of a venv would share nothing,
     but this keeps the same Python version)."""

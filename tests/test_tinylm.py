@@ -105,6 +105,20 @@ def test_shipped_frozen_parts():
     assert text.split()[0] in data.COLORS and text.endswith("background"), text
 
 
+def test_shipped_lm_reads_a_caption_placed_before_bos():
+    """Stage 2 of lecture 07 writes a soft prompt before <bos>: the frozen LM must have learned to
+    read what sits there. With the true caption there it answers; without, it guesses."""
+    from course_lib.qformer import answer_accuracy, answer_after_captions, answer_questions
+
+    torch.set_num_threads(1)
+    tok, lm = build_tokenizer(), load_frozen_lm()
+    ds = data.scenes(500, "test").select(range(100))
+    reading = answer_accuracy(answer_after_captions(lm, tok, ds), ds)
+    prior = answer_accuracy(answer_questions(lm, tok, ds, None, None), ds)
+    for kind in ("shape", "color", "count", "position"):
+        assert reading[kind] > 0.9 and prior[kind] < 0.5, (kind, reading[kind], prior[kind])
+
+
 def test_training_script_runs(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, str(ROOT / "scripts" / "train_vlm_parts.py"), "--n", "16", "--steps", "2", "--batch", "8", "--out-dir", str(tmp_path)]
