@@ -466,6 +466,37 @@ class QFormerConnector(nn.Module):
         return self.proj(self.qformer.query_outputs(image_feats))  # (B, Nq, lm_dim)
 
 
+def query_transformer(qformer: QFormer) -> QFormer:
+    """The part of a stage-1 Q-Former that stage 2 keeps: the queries and their path through the
+    layers (self-attention, cross-attention, query feed-forward), without the text embeddings, the
+    text feed-forward and the stage-1 heads, which stage 2 never runs (BLIP-2 fig. 3)."""
+    import dataclasses
+
+    bare = QFormer(dataclasses.replace(qformer.config, vocab_size=0, text_ffn=False))
+    keep = bare.state_dict().keys()
+    bare.load_state_dict({k: v for k, v in qformer.state_dict().items() if k in keep})
+    return bare
+
+
+CONNECTOR_KINDS = ("linear", "mlp", "qformer")
+
+
+def make_connector(kind: str, encoder_dim: int, lm_dim: int, qformer_config: QFormerConfig | None = None) -> nn.Module:
+    """A fresh connector: "linear" (LLaVA), "mlp" (LLaVA-1.5) or "qformer" (BLIP-2, queries only,
+    built from `qformer_config`)."""
+    if kind == "linear":
+        return LinearConnector(encoder_dim, lm_dim)
+    if kind == "mlp":
+        return MlpConnector(encoder_dim, lm_dim)
+    if kind == "qformer":
+        if qformer_config is None:
+            raise ValueError("a Q-Former connector needs qformer_config")
+        import dataclasses
+
+        return QFormerConnector(QFormer(dataclasses.replace(qformer_config, vocab_size=0, text_ffn=False)), lm_dim)
+    raise ValueError(f"unknown connector kind {kind!r}; known: {CONNECTOR_KINDS}")
+
+
 def soft_prompt_loss(lm: nn.Module, prompt: torch.Tensor, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """The LM's next-token loss on the text after a soft prompt (B, P, D_lm).
 
@@ -557,6 +588,26 @@ def answer_questions(lm: nn.Module, tokenizer, ds, image_feats: torch.Tensor | N
     return out
 
 
+@torch.no_grad()
+def answer_after_captions(lm: nn.Module, tokenizer, ds) -> list[list[str]]:
+    """Greedy answers of the frozen LM to every question of `ds` when the scene's true caption, as
+    words, precedes <bos> and the question: what a connector whose soft prompt said everything the
+    caption says could reach (a ceiling). Returns answers[image][question], like answer_questions."""
+    contexts = [tokenizer.encode(c) for c in ds["caption"]]
+    questions = ds["questions"]
+    by_length: dict[int, list[int]] = {}
+    for i, c in enumerate(contexts):  # captions of one length batch together (no padding needed)
+        by_length.setdefault(len(c), []).append(i)
+    out = [[""] * len(questions[0]) for _ in range(len(contexts))]
+    for k in range(len(questions[0])):
+        for rows in by_length.values():
+            ids = torch.tensor([contexts[i] + tokenizer.encode(questions[i][k], bos=True) for i in rows])
+            new = lm.generate(ids, max_new_tokens=3, eos_id=tokenizer.eos_id)
+            for i, row in zip(rows, new):
+                out[i][k] = tokenizer.decode(row)
+    return out
+
+
 def answer_accuracy(predicted: list[list[str]], ds) -> dict[str, float]:
     """Exact-match accuracy per question type and overall."""
     names = ["shape", "color", "count", "position", "yes/no"]
@@ -564,3 +615,125 @@ def answer_accuracy(predicted: list[list[str]], ds) -> dict[str, float]:
     acc = {name: sum(p[k] == t[k] for p, t in zip(predicted, truth)) / len(truth) for k, name in enumerate(names)}
     acc["all"] = sum(acc.values()) / len(names)
     return acc
+
+
+@torch.no_grad()
+def generate_captions(lm: nn.Module, tokenizer, image_feats: torch.Tensor, connector: nn.Module,
+                      max_new_tokens: int = 40) -> list[str]:
+    """Greedy captions of the frozen LM after the connector's soft prompt and <bos>."""
+    prompt = connector(image_feats)  # (B, P, D_lm)
+    bos = lm.embed(torch.full((prompt.shape[0], 1), tokenizer.bos_id, device=prompt.device))
+    new = lm.generate(inputs_embeds=torch.cat([prompt, bos], dim=1), max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id)
+    return [tokenizer.decode(row) for row in new]
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 1 on held-out pairs: retrieval and matching
+# ----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def itc_similarity(qformer: QFormer, image_feats: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """ITC scores of every image (N, L, encoder_dim) with every text (M, T) -> (N, M)."""
+    Nq = qformer.config.num_queries
+    # Under the ITC mask the queries never see the text and the text never sees the image, so the
+    # query outputs need no text and the text outputs need no particular image.
+    queries = qformer.vision_proj(qformer(image_feats)[:, :Nq])  # (N, Nq, E)
+    text = qformer(image_feats[:1].expand(input_ids.shape[0], -1, -1), input_ids, "itc")[:, Nq]  # (M, D)
+    return max_query_similarity(queries, qformer.text_proj(text))
+
+
+@torch.no_grad()
+def stage1_metrics(qformer: QFormer, image_feats: torch.Tensor, input_ids: torch.Tensor) -> dict[str, float]:
+    """How well a stage-1 Q-Former pairs held-out images (N, L, encoder_dim) with their captions (N, T).
+
+    - recall@1 image->text (text->image): the best-scoring caption (image) under ITC is right. A
+      caption identical to the true one counts as right, and `recall_chance` is what a random
+      ranking scores with these duplicates;
+    - ITM accuracy: the matching head on the N true pairs and N wrong ones, balanced (chance 0.5),
+      with wrong captions drawn at random (`itm_random`) or the wrong caption that ITC finds most
+      similar to the image (`itm_hard`, the kind of negative ITM trains on).
+    """
+    qformer.eval()
+    Nq, N = qformer.config.num_queries, image_feats.shape[0]
+    sim = itc_similarity(qformer, image_feats, input_ids)  # (N images, N texts)
+    same = (input_ids[:, None, :] == input_ids[None, :, :]).all(-1)  # (N, N): identical captions
+    arange = torch.arange(N, device=sim.device)
+    i2t = same[arange, sim.argmax(1)].float().mean().item()
+    t2i = same[sim.argmax(0), arange].float().mean().item()
+
+    def p_match(ids: torch.Tensor) -> torch.Tensor:
+        return qformer.itm_head(qformer(image_feats, ids, "itm")[:, :Nq]).mean(1).softmax(-1)[:, 1]  # (N,)
+
+    g = torch.Generator().manual_seed(0)
+    random_neg = (arange + torch.randint(1, N, (N,), generator=g)) % N  # never the image's own index
+    random_neg = torch.where(same[arange, random_neg], (random_neg + 1) % N, random_neg)
+    hard_neg = sim.masked_fill(same, float("-inf")).argmax(1)
+    pos = (p_match(input_ids) > 0.5).float().mean().item()
+    itm = {name: (pos + (p_match(input_ids[neg]) <= 0.5).float().mean().item()) / 2
+           for name, neg in (("itm_random", random_neg), ("itm_hard", hard_neg))}
+    return {"recall@1 image->text": i2t, "recall@1 text->image": t2i, "recall_chance": same.float().mean().item(),
+            "itm_random": itm["itm_random"], "itm_hard": itm["itm_hard"]}
+
+
+# ----------------------------------------------------------------------------------------------
+# The shipped checkpoints (scripts/train_qformer.py)
+# ----------------------------------------------------------------------------------------------
+STAGE1_CHECKPOINT = "qformer_stage1_scenes.safetensors"
+CONNECTORS_CHECKPOINT = "connectors_scenes.safetensors"
+
+
+def save_connectors(path, connectors: dict[str, nn.Module], kinds: dict[str, str], encoder_dim: int, lm_dim: int,
+                    qformer_config: QFormerConfig, **metadata: str) -> None:
+    """Several connectors in one safetensors file: each one's weights under "name.", and in the
+    metadata what it takes to rebuild them (kinds, widths, the Q-Former config)."""
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {f"{name}.{k}": v.detach().contiguous() for name, c in connectors.items() for k, v in c.state_dict().items()}
+    meta = {"kinds": json.dumps(kinds), "encoder_dim": str(encoder_dim), "lm_dim": str(lm_dim),
+            "qformer_config": json.dumps(dataclasses.asdict(qformer_config)), **{k: str(v) for k, v in metadata.items()}}
+    save_file(state, str(path), metadata=meta)
+
+
+def load_connectors(path=CONNECTORS_CHECKPOINT) -> tuple[dict[str, nn.Module], dict[str, str]]:
+    """The connectors saved by `save_connectors` (the shipped ones by default), frozen, in the
+    saved order, with the file's metadata."""
+    import json
+    from pathlib import Path
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from .utils import CHECKPOINTS
+
+    path = Path(path)
+    if not path.exists() and (CHECKPOINTS / path.name).exists():
+        path = CHECKPOINTS / path.name
+    if not path.exists():
+        raise FileNotFoundError(f"no connectors at {path}: run scripts/train_qformer.py")
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata() or {})
+    if "kinds" not in meta:
+        raise ValueError(f"{path} was not written by save_connectors (no 'kinds' in its metadata)")
+    state = load_file(str(path))
+    config = QFormerConfig(**json.loads(meta["qformer_config"]))
+    connectors = {}
+    for name, kind in json.loads(meta["kinds"]).items():
+        c = make_connector(kind, int(meta["encoder_dim"]), int(meta["lm_dim"]), config)
+        load_state_dict_checked(c, {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")}, source=f"{path} [{name}]")
+        c.eval()
+        for p in c.parameters():
+            p.requires_grad_(False)
+        connectors[name] = c
+    return connectors, meta
+
+
+def load_stage1_qformer(path=STAGE1_CHECKPOINT) -> tuple[QFormer, dict[str, str]]:
+    """The shipped stage-1 Q-Former (with its text side and ITC/ITM/ITG heads), in eval mode."""
+    from .utils import load_checkpoint
+
+    return load_checkpoint(path, QFormer, QFormerConfig)
