@@ -255,3 +255,107 @@ def test_stage2_examples_predict_only_the_answer():
     loss = soft_prompt_loss(lm, prompt, ids, targets)
     loss.backward()
     assert torch.isfinite(loss) and prompt.grad.abs().sum() > 0  # the loss reaches the soft prompt
+
+
+# ----------------------------------------------------------------------------------------------
+# Connector checkpoints: the library's save/load, the training script, the shipped results
+# ----------------------------------------------------------------------------------------------
+def test_query_transformer_keeps_the_query_path(tmp_path):
+    from course_lib.qformer import load_connectors, make_connector, query_transformer, save_connectors
+
+    config = QFormerConfig(dim=32, depth=2, num_heads=4, mlp_dim=64, num_queries=3, encoder_dim=24, vocab_size=20, max_text_len=8)
+    full = QFormer(config).eval()
+    bare = query_transformer(full)
+    assert bare.config.vocab_size == 0 and not bare.config.text_ffn
+    feats = torch.randn(2, 9, 24)
+    assert torch.equal(bare(feats), full(feats))  # the queries never needed the text side
+    connectors = {"lin": make_connector("linear", 24, 16), "qf": make_connector("qformer", 24, 16, config)}
+    connectors["qf"].qformer = bare
+    save_connectors(tmp_path / "c.safetensors", connectors, {"lin": "linear", "qf": "qformer"}, 24, 16, bare.config, note="x")
+    loaded, meta = load_connectors(tmp_path / "c.safetensors")
+    assert list(loaded) == ["lin", "qf"] and meta["note"] == "x"
+    for name in connectors:
+        assert torch.equal(loaded[name](feats), connectors[name](feats))
+        assert not any(p.requires_grad for p in loaded[name].parameters())
+    with pytest.raises(ValueError, match="unknown connector"):
+        make_connector("perceiver", 24, 16)
+
+
+def test_training_script_smoke_run(tmp_path):
+    """scripts/train_qformer.py, which makes the shipped connectors, still runs end to end."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from course_lib.qformer import load_connectors, load_stage1_qformer
+
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, str(root / "scripts" / "train_qformer.py"), "--n", "32", "--test", "16", "--steps", "2",
+           "--stage1-batch", "8", "--stage2-batch", "8", "--out-dir", str(tmp_path)]
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(root)}, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    qformer, meta = load_stage1_qformer(tmp_path / "qformer_stage1_scenes.safetensors")
+    assert meta["steps"] == "2" and set(json.loads(meta["metrics"])) >= {"recall@1 image->text", "itm_random"}
+    connectors, meta = load_connectors(tmp_path / "connectors_scenes.safetensors")
+    assert list(connectors) == ["linear", "mlp", "qformer_scratch", "qformer_stage1"]
+    results = json.loads(meta["results"])
+    assert results["qformer_stage1"]["prompt_tokens"] == qformer.config.num_queries
+    assert results["linear"]["prompt_tokens"] == 17
+
+
+@pytest.fixture(scope="module")
+def scenes_eval():
+    """The frozen parts and 200 held-out scenes with their encoder features."""
+    from course_lib import data
+    from course_lib.tinylm import build_tokenizer, load_frozen_image_encoder, load_frozen_lm
+
+    torch.set_num_threads(1)
+    tok, lm, encoder = build_tokenizer(), load_frozen_lm(), load_frozen_image_encoder()
+    test_ds = data.scenes(500, "test").select(range(200))
+    with torch.no_grad():
+        feats = encoder.forward_features(data.to_tensors(test_ds)[0])
+    return tok, lm, test_ds, feats
+
+
+def test_shipped_stage1_qformer_retrieves_and_matches(scenes_eval):
+    from course_lib.qformer import caption_examples, load_stage1_qformer, stage1_metrics
+
+    tok, _, test_ds, feats = scenes_eval
+    qformer, _ = load_stage1_qformer()
+    with torch.no_grad():
+        m = stage1_metrics(qformer, feats, caption_examples(test_ds, tok)[1])
+    print({k: round(v, 3) for k, v in m.items()})
+    assert m["recall_chance"] < 0.01
+    assert m["recall@1 image->text"] > 0.4 and m["recall@1 text->image"] > 0.4  # chance: 1 in 200
+    assert m["itm_random"] > 0.8 and m["itm_hard"] > 0.6  # chance: 0.5
+
+
+def test_shipped_qformer_connector_answers_beyond_the_lm_prior(scenes_eval):
+    """The answers come from the image: on held-out scenes the LM after the shipped Q-Former's
+    soft prompt beats the LM alone on every question type about what the encoder sees."""
+    from course_lib.qformer import answer_accuracy, answer_questions, load_connectors
+
+    tok, lm, test_ds, feats = scenes_eval
+    connectors, _ = load_connectors()
+    prior = answer_accuracy(answer_questions(lm, tok, test_ds, None, None), test_ds)
+    acc = answer_accuracy(answer_questions(lm, tok, test_ds, feats, connectors["qformer_stage1"]), test_ds)
+    print("prior", prior, "\nQ-Former", acc)
+    for kind in ("shape", "color", "count", "position"):
+        assert acc[kind] > prior[kind] + 0.3, f"{kind}: {acc[kind]:.2f} vs the LM alone {prior[kind]:.2f}"
+
+
+def test_shipped_connector_comparison_holds(scenes_eval):
+    """Lecture 07's comparison at equal budget: the per-token connectors (linear, MLP) leave the
+    colour of the large object near the prior, the Q-Former reads it; all of them count."""
+    from course_lib.qformer import answer_accuracy, answer_questions, load_connectors
+
+    tok, lm, test_ds, feats = scenes_eval
+    connectors, _ = load_connectors()
+    acc = {name: answer_accuracy(answer_questions(lm, tok, test_ds, feats, c), test_ds) for name, c in connectors.items()}
+    print({name: {k: round(v, 2) for k, v in a.items()} for name, a in acc.items()})
+    for per_token in ("linear", "mlp"):
+        for qformer in ("qformer_scratch", "qformer_stage1"):
+            assert acc[qformer]["color"] > acc[per_token]["color"] + 0.3, (qformer, per_token, acc)
+    assert all(a["count"] > 0.9 for a in acc.values()), acc
