@@ -20,15 +20,22 @@ The layer follows the BERT-style post-norm of the official code and of transform
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .hf import cfg, fuse_qkv, load_hf_checkpoint, rename_keys
-from .layers import Attention, Mlp, attention, load_state_dict_checked
-from .tinylm import lm_loss
+from .layers import Attention, Mlp, attention, load_state_dict_checked, param_groups
+from .tinylm import lm_loss, pad_batch
+from .train import cosine_schedule
+from .utils import CHECKPOINTS, load_checkpoint
 
 
 # ----------------------------------------------------------------------------------------------
@@ -470,8 +477,6 @@ def query_transformer(qformer: QFormer) -> QFormer:
     """The part of a stage-1 Q-Former that stage 2 keeps: the queries and their path through the
     layers (self-attention, cross-attention, query feed-forward), without the text embeddings, the
     text feed-forward and the stage-1 heads, which stage 2 never runs (BLIP-2 fig. 3)."""
-    import dataclasses
-
     bare = QFormer(dataclasses.replace(qformer.config, vocab_size=0, text_ffn=False))
     keep = bare.state_dict().keys()
     bare.load_state_dict({k: v for k, v in qformer.state_dict().items() if k in keep})
@@ -491,8 +496,6 @@ def make_connector(kind: str, encoder_dim: int, lm_dim: int, qformer_config: QFo
     if kind == "qformer":
         if qformer_config is None:
             raise ValueError("a Q-Former connector needs qformer_config")
-        import dataclasses
-
         return QFormerConnector(QFormer(dataclasses.replace(qformer_config, vocab_size=0, text_ffn=False)), lm_dim)
     raise ValueError(f"unknown connector kind {kind!r}; known: {CONNECTOR_KINDS}")
 
@@ -519,8 +522,6 @@ def qa_examples(ds, tokenizer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     (M, T) = the answer and <eos>, -100 elsewhere (the question is given, not predicted), and the
     question type (M,) (0 shape, 1 colour, 2 count, 3 position, 4 yes/no).
     """
-    from .tinylm import pad_batch
-
     index, ids, targets, kind = [], [], [], []
     for i, (qs, ans) in enumerate(zip(ds["questions"], ds["answers"])):
         for k, (q, a) in enumerate(zip(qs, ans)):
@@ -534,8 +535,6 @@ def qa_examples(ds, tokenizer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
 
 def caption_examples(ds, tokenizer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(image_index (N,), input_ids (N, T) = <bos> caption <eos> <pad>..., targets with -100 on padding)."""
-    from .tinylm import pad_batch
-
     ids = pad_batch([tokenizer.encode(c, bos=True, eos=True) for c in ds["caption"]], tokenizer.pad_id)
     return torch.arange(ids.shape[0]), ids, ids.masked_fill(ids == tokenizer.pad_id, -100)
 
@@ -547,9 +546,6 @@ def train_connector(connector: nn.Module, lm: nn.Module, image_feats: torch.Tens
     examples: a list of (image_index, input_ids, targets, ...) tuples (from qa_examples,
     caption_examples); each step takes one batch from each. Returns the loss of every step.
     """
-    from .layers import param_groups
-    from .train import cosine_schedule
-
     opt = torch.optim.AdamW(param_groups(connector, 0.05), lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_schedule(steps, max(1, steps // 10)))
     g = torch.Generator().manual_seed(seed)
@@ -685,12 +681,6 @@ def save_connectors(path, connectors: dict[str, nn.Module], kinds: dict[str, str
                     qformer_config: QFormerConfig, **metadata: str) -> None:
     """Several connectors in one safetensors file: each one's weights under "name.", and in the
     metadata what it takes to rebuild them (kinds, widths, the Q-Former config)."""
-    import dataclasses
-    import json
-    from pathlib import Path
-
-    from safetensors.torch import save_file
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {f"{name}.{k}": v.detach().contiguous() for name, c in connectors.items() for k, v in c.state_dict().items()}
@@ -702,14 +692,6 @@ def save_connectors(path, connectors: dict[str, nn.Module], kinds: dict[str, str
 def load_connectors(path=CONNECTORS_CHECKPOINT) -> tuple[dict[str, nn.Module], dict[str, str]]:
     """The connectors saved by `save_connectors` (the shipped ones by default), frozen, in the
     saved order, with the file's metadata."""
-    import json
-    from pathlib import Path
-
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    from .utils import CHECKPOINTS
-
     path = Path(path)
     if not path.exists() and (CHECKPOINTS / path.name).exists():
         path = CHECKPOINTS / path.name
@@ -734,6 +716,4 @@ def load_connectors(path=CONNECTORS_CHECKPOINT) -> tuple[dict[str, nn.Module], d
 
 def load_stage1_qformer(path=STAGE1_CHECKPOINT) -> tuple[QFormer, dict[str, str]]:
     """The shipped stage-1 Q-Former (with its text side and ITC/ITM/ITG heads), in eval mode."""
-    from .utils import load_checkpoint
-
     return load_checkpoint(path, QFormer, QFormerConfig)
