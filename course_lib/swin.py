@@ -16,6 +16,7 @@ Feature maps travel channels-last, (B, H, W, C), which makes windowing a reshape
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, replace
 
@@ -78,6 +79,7 @@ def reverse_cyclic_shift(x: torch.Tensor, shift: int) -> torch.Tensor:
     return torch.roll(x, shifts=(shift, shift), dims=(1, 2)) if shift else x
 
 
+@functools.lru_cache(maxsize=64)  # the same few shapes every forward pass: computed once (read-only)
 def shifted_window_mask(H: int, W: int, window_size: int, shift: int) -> torch.Tensor:
     """Which tokens of a shifted window may attend to which, after `cyclic_shift`.
 
@@ -99,6 +101,7 @@ def shifted_window_mask(H: int, W: int, window_size: int, shift: int) -> torch.T
     return windows[:, :, None] == windows[:, None, :]  # (nW, M*M, M*M)
 
 
+@functools.lru_cache(maxsize=16)  # computed once per window size (read-only)
 def relative_position_index(window_size: int) -> torch.Tensor:
     """Index into the ((2M-1)^2, heads) bias table for every pair of tokens in an M x M window.
 
