@@ -31,6 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from . import data
 from .hf import cfg, fuse_qkv, load_hf_checkpoint, rename_keys
 from .layers import Attention, Mlp, attention, load_state_dict_checked, param_groups
 from .tinylm import lm_loss, pad_batch
@@ -604,9 +605,24 @@ def answer_after_captions(lm: nn.Module, tokenizer, ds) -> list[list[str]]:
     return out
 
 
+QUESTION_TYPES = ("shape", "color", "count", "position", "yes/no")  # the order of a scene's questions
+
+
+def answer_chance(ds) -> dict[str, float]:
+    """Chance per question type: 1 / the number of different answers the type has in `ds`."""
+    return {name: 1 / len({a[k] for a in ds["answers"]}) for k, name in enumerate(QUESTION_TYPES)}
+
+
+@torch.no_grad()
+def encode_images(encoder: nn.Module, ds, batch_size: int = 500) -> torch.Tensor:
+    """The frozen encoder's tokens for every image of `ds`: (N, 1 + patches, width)."""
+    images, _ = data.to_tensors(ds)
+    return torch.cat([encoder.forward_features(x) for x in images.split(batch_size)])
+
+
 def answer_accuracy(predicted: list[list[str]], ds) -> dict[str, float]:
     """Exact-match accuracy per question type and overall."""
-    names = ["shape", "color", "count", "position", "yes/no"]
+    names = QUESTION_TYPES
     truth = ds["answers"]
     acc = {name: sum(p[k] == t[k] for p, t in zip(predicted, truth)) / len(truth) for k, name in enumerate(names)}
     acc["all"] = sum(acc.values()) / len(names)
@@ -629,12 +645,18 @@ def generate_captions(lm: nn.Module, tokenizer, image_feats: torch.Tensor, conne
 @torch.no_grad()
 def itc_similarity(qformer: QFormer, image_feats: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     """ITC scores of every image (N, L, encoder_dim) with every text (M, T) -> (N, M)."""
+    return max_query_similarity(*itc_embeddings(qformer, image_feats, input_ids))
+
+
+@torch.no_grad()
+def itc_embeddings(qformer: QFormer, image_feats: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The projected ITC embeddings: every query of every image (N, Nq, E), every text (M, E)."""
     Nq = qformer.config.num_queries
     # Under the ITC mask the queries never see the text and the text never sees the image, so the
     # query outputs need no text and the text outputs need no particular image.
     queries = qformer.vision_proj(qformer(image_feats)[:, :Nq])  # (N, Nq, E)
     text = qformer(image_feats[:1].expand(input_ids.shape[0], -1, -1), input_ids, "itc")[:, Nq]  # (M, D)
-    return max_query_similarity(queries, qformer.text_proj(text))
+    return queries, qformer.text_proj(text)
 
 
 @torch.no_grad()

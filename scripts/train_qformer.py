@@ -36,8 +36,10 @@ from course_lib.qformer import (
     QFormer,
     QFormerConfig,
     answer_accuracy,
+    answer_chance,
     answer_questions,
     caption_examples,
+    encode_images,
     make_connector,
     qa_examples,
     query_transformer,
@@ -49,8 +51,6 @@ from course_lib.tinylm import build_tokenizer, load_frozen_image_encoder, load_f
 from course_lib.train import cosine_schedule
 from course_lib.utils import CHECKPOINTS, count_params, save_checkpoint, seed_everything
 
-# Chance for each question type: 5 shapes, 6 colours, 3 counts, 9 positions, yes/no.
-CHANCE = {"shape": 1 / 5, "color": 1 / 6, "count": 1 / 3, "position": 1 / 9, "yes/no": 1 / 2}
 # The comparison: name -> (kind, starts from the stage-1 Q-Former).
 CONNECTORS = {"linear": ("linear", False), "mlp": ("mlp", False),
               "qformer_scratch": ("qformer", False), "qformer_stage1": ("qformer", True)}
@@ -60,12 +60,6 @@ def qformer_config(vocab_size: int) -> QFormerConfig:
     """Lecture 07's Q-Former: width 64, 2 layers (cross-attention in layer 0), 8 queries."""
     return QFormerConfig(dim=64, depth=2, num_heads=4, mlp_dim=128, num_queries=8, encoder_dim=64,
                          vocab_size=vocab_size, max_text_len=40, embed_dim=32)
-
-
-@torch.no_grad()
-def image_features(encoder, ds) -> torch.Tensor:
-    images, _ = data.to_tensors(ds)
-    return torch.cat([encoder.forward_features(x) for x in images.split(500)])  # (N, 1 + 16, 64)
 
 
 def windows(values: list[float], every: int) -> list[float]:
@@ -121,7 +115,7 @@ def main() -> None:
 
     tok, lm, encoder = build_tokenizer(), load_frozen_lm(), load_frozen_image_encoder()
     train_ds, test_ds = data.scenes(args.n, "train"), data.scenes(args.test, "test")
-    feats, test_feats = image_features(encoder, train_ds), image_features(encoder, test_ds)
+    feats, test_feats = encode_images(encoder, train_ds), encode_images(encoder, test_ds)
     cap_index, cap_ids, cap_targets = caption_examples(train_ds, tok)
     test_cap_ids = caption_examples(test_ds, tok)[1]
     print(f"features: train {tuple(feats.shape)}, test {tuple(test_feats.shape)}")
@@ -169,7 +163,7 @@ def main() -> None:
     out2 = args.out_dir / CONNECTORS_CHECKPOINT
     save_connectors(out2, connectors, kinds, encoder.config.dim, lm.config.dim, dataclasses.replace(config, vocab_size=0, text_ffn=False),
                     steps=stage2_steps, batch=args.stage2_batch, lr=args.stage2_lr, results=json.dumps(results),
-                    prior=json.dumps({k: round(v, 4) for k, v in prior.items()}), chance=json.dumps(CHANCE), **common)
+                    prior=json.dumps({k: round(v, 4) for k, v in prior.items()}), chance=json.dumps(answer_chance(test_ds)), **common)
     print(f"saved {out2} ({out2.stat().st_size / 1e6:.2f} MB); total {time.time() - total_start:.0f} s")
 
 

@@ -309,14 +309,13 @@ def test_training_script_smoke_run(tmp_path):
 def scenes_eval():
     """The frozen parts and 200 held-out scenes with their encoder features."""
     from course_lib import data
+    from course_lib.qformer import encode_images
     from course_lib.tinylm import build_tokenizer, load_frozen_image_encoder, load_frozen_lm
 
     torch.set_num_threads(1)
     tok, lm, encoder = build_tokenizer(), load_frozen_lm(), load_frozen_image_encoder()
     test_ds = data.scenes(500, "test").select(range(200))
-    with torch.no_grad():
-        feats = encoder.forward_features(data.to_tensors(test_ds)[0])
-    return tok, lm, test_ds, feats
+    return tok, lm, test_ds, encode_images(encoder, test_ds)
 
 
 def test_shipped_stage1_qformer_retrieves_and_matches(scenes_eval):
