@@ -26,7 +26,7 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .hf import cfg, fuse_qkv, load_hf_checkpoint, rename_keys
-from .layers import Block, Mlp, attention, load_state_dict_checked
+from .layers import Block, Mlp, attention, causal_mask, load_state_dict_checked
 from .utils import load_checkpoint
 from .vit import ViT, ViTConfig
 
@@ -219,12 +219,6 @@ def make_activation(name: str) -> nn.Module:
     if name == "quick_gelu":
         return QuickGELU()
     raise ValueError(f"unknown activation {name!r}: use 'gelu', 'gelu_tanh' or 'quick_gelu'")
-
-
-def causal_mask(length: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """(L, L) boolean, True where query i may attend to key j, i.e. j <= i (GPT-2's mask, used by
-    CLIP's text encoder): each token sees itself and the tokens before it."""
-    return torch.ones(length, length, dtype=torch.bool, device=device).tril()
 
 
 def pool_text(tokens: torch.Tensor, input_ids: torch.Tensor, mode: str, eos_token_id: int) -> torch.Tensor:

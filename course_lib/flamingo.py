@@ -26,10 +26,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .clip import causal_mask
+from .layers import causal_mask
 from .hf import cfg, load_hf_checkpoint, rename_keys
 from .layers import attention, load_state_dict_checked
-from .tinylm import freeze
+from .utils import freeze
 
 NORMS = ("layernorm", "rmsnorm")
 ACTS = ("gelu", "relu", "swiglu")

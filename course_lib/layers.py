@@ -46,35 +46,114 @@ def attention(
     return weights @ v, weights
 
 
-class Attention(nn.Module):
-    """Multi-head self-attention with one fused qkv projection.
+def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """(B, L, heads * d) -> (B, heads, L, d): each head attends on its own slice of the width."""
+    B, L, C = x.shape
+    if C % num_heads != 0:
+        raise ValueError(f"width {C} is not divisible by {num_heads} heads")
+    return x.reshape(B, L, num_heads, C // num_heads).transpose(1, 2)
 
-    `use_sdpa` switches between the fused kernel and the explicit softmax used for teaching and
-    for attention maps; `use_explicit_attention(model)` flips it for a whole model.
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """(B, heads, L, d) -> (B, L, heads * d): the inverse of `split_heads`."""
+    B, H, L, d = x.shape
+    return x.transpose(1, 2).reshape(B, L, H * d)
+
+
+def causal_mask(length: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """(L, L) boolean, True where query i may attend to key j, i.e. j <= i (GPT-2's mask, used by
+    CLIP's text encoder and every decoder-only language model): each token sees itself and the
+    tokens before it."""
+    if length < 1:
+        raise ValueError(f"a causal mask needs a length of at least 1, got {length}")
+    return torch.ones(length, length, dtype=torch.bool, device=device).tril()
+
+
+class Attention(nn.Module):
+    """Multi-head attention, the one attention module of the course.
+
+    Self-attention (`context_dim=None`): queries, keys and values all come from x, through one
+    fused projection `qkv` (one matmul). Cross-attention (`context_dim` given): queries come from
+    x (B, Lq, dim), keys and values from `context` (B, Lk, context_dim) through `q`, `k`, `v`;
+    the context may have another width (an image encoder's, say). The inner width is
+    num_heads * head_dim (head_dim defaults to dim // num_heads).
+
+    forward(x, context=None, mask=None, rotary=None, cache=None, return_weights=False):
+    - mask: broadcastable to (B, heads, Lq, Lk), boolean (True = may attend) or additive float;
+    - rotary: a function (q, k) -> (q, k) applied to the split heads before the scores (RoPE);
+    - cache: an object with `update(k, v) -> (k, v)` that appends this call's keys and values to
+      the earlier ones (a language model's KV cache for generation).
+    Returns (out (B, Lq, dim), weights (B, heads, Lq, Lk) or None). `use_sdpa` switches between
+    the fused kernel and the explicit softmax (the same numbers); `use_explicit_attention(model)`
+    flips it for a whole model, and `return_weights=True` always takes the explicit path.
     """
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, proj_bias: bool = True):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        *,
+        context_dim: int | None = None,
+        head_dim: int | None = None,
+        qkv_bias: bool = True,
+        proj_bias: bool = True,
+    ):
         super().__init__()
-        if dim % num_heads != 0:
+        if num_heads < 1:
+            raise ValueError(f"num_heads must be at least 1, got {num_heads}")
+        if head_dim is None and dim % num_heads != 0:
             raise ValueError(
                 f"width {dim} is not divisible by {num_heads} heads: choose a head count that "
                 f"divides the width (e.g. {[h for h in range(1, 17) if dim % h == 0]})"
             )
         self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim, bias=proj_bias)
+        self.head_dim = head_dim or dim // num_heads
+        inner = num_heads * self.head_dim
+        self.is_cross = context_dim is not None
+        if self.is_cross:
+            self.q = nn.Linear(dim, inner, bias=qkv_bias)
+            self.k = nn.Linear(context_dim, inner, bias=qkv_bias)
+            self.v = nn.Linear(context_dim, inner, bias=qkv_bias)
+        else:
+            self.qkv = nn.Linear(dim, 3 * inner, bias=qkv_bias)
+        self.proj = nn.Linear(inner, dim, bias=proj_bias)
         self.use_sdpa = True
 
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None = None, return_weights: bool = False
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        *,
+        rotary=None,
+        cache=None,
+        return_weights: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        B, N, C = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # 3 x (B, heads, N, head_dim)
+        if x.ndim != 3:
+            raise ValueError(f"attention expects tokens of shape (batch, length, width), got {tuple(x.shape)}")
+        B, L, _ = x.shape
+        if self.is_cross:
+            if context is None:
+                raise ValueError("this is a cross-attention layer: pass the context (keys and values) to attend to")
+            if context.shape[-1] != self.k.in_features:
+                raise ValueError(
+                    f"the context has width {context.shape[-1]}, this layer expects {self.k.in_features}: "
+                    "build it with context_dim equal to the width of what it attends to"
+                )
+            q = split_heads(self.q(x), self.num_heads)  # (B, h, Lq, d)
+            k = split_heads(self.k(context), self.num_heads)  # (B, h, Lk, d)
+            v = split_heads(self.v(context), self.num_heads)
+        else:
+            if context is not None:
+                raise ValueError("this is a self-attention layer: build it with context_dim=... to attend to a context")
+            qkv = self.qkv(x).reshape(B, L, 3, self.num_heads, self.head_dim)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4)  # 3 x (B, h, L, d)
+        if rotary is not None:
+            q, k = rotary(q, k)
+        if cache is not None:
+            k, v = cache.update(k, v)  # (B, h, past + L, d)
         out, weights = attention(q, k, v, mask, use_sdpa=self.use_sdpa and not return_weights)
-        out = out.transpose(1, 2).reshape(B, N, C)  # (B, heads, N, hd) -> (B, N, C)
-        return self.proj(out), weights
+        return self.proj(merge_heads(out)), weights  # (B, h, Lq, d) -> (B, Lq, h*d) -> (B, Lq, dim)
 
 
 def use_explicit_attention(model: nn.Module, explicit: bool = True) -> nn.Module:
@@ -162,7 +241,7 @@ class Block(nn.Module):
     def forward(
         self, x: torch.Tensor, mask: torch.Tensor | None = None, return_weights: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
-        a, weights = self.attn(self.norm1(x), mask, return_weights=return_weights)
+        a, weights = self.attn(self.norm1(x), mask=mask, return_weights=return_weights)
         x = x + self.drop_path(self.ls1(a))
         x = x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
         return (x, weights) if return_weights else x

@@ -208,7 +208,7 @@ class QFormerLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, num_queries: int, image_feats: torch.Tensor | None,
                 mask: torch.Tensor | None = None, return_weights: bool = False):
-        a, _ = self.attn(x, mask)
+        a, _ = self.attn(x, mask=mask)
         x = self.norm_self(x + a)
         q, t = x[:, :num_queries], x[:, num_queries:]  # (B, Nq, D), (B, T, D)
         weights = None

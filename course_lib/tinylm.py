@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import data
-from .clip import causal_mask
-from .layers import Block
+from .layers import Block, causal_mask
+from .utils import freeze
 
 LM_CHECKPOINT = "tinylm_scenes.safetensors"
 IMAGE_ENCODER_CHECKPOINT = "image_encoder_scenes.safetensors"
@@ -221,14 +221,6 @@ def tinylm(vocab_size: int, **kw) -> TinyLM:
 # ----------------------------------------------------------------------------------------------
 # The frozen parts
 # ----------------------------------------------------------------------------------------------
-def freeze(model: nn.Module) -> nn.Module:
-    """Eval mode and requires_grad False on every parameter: a frozen part of a VLM."""
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
-
-
 def load_frozen_lm(path=LM_CHECKPOINT) -> TinyLM:
     """The shipped TinyLM (trained by scripts/train_vlm_parts.py), frozen."""
     from .utils import load_checkpoint

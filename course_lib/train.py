@@ -156,6 +156,7 @@ def fit(
     channels_last: bool = False,
     fused: bool | None = None,
     strategy: str = "ddp",
+    after_step: Callable[[int, int], None] | None = None,
 ) -> History:
     """Train `model` on `data` (a tuple of tensors, images first) and return its History.
 
@@ -172,6 +173,10 @@ def fit(
     the N processes trains on its 1/N slice of every global batch of `batch_size` images
     (`strategy="ddp"` or the sharded `"fsdp"`); the result equals one process training on the
     whole batch. `scripts/train_distributed.py` is the recipe.
+
+    `after_step(step, total_steps)` runs after every optimizer step (step counts from 1), under
+    `torch.no_grad()`: the place for what a recipe does between steps (DINO's EMA teacher update,
+    CLIP's clamp of the logit scale).
     """
     from tqdm.auto import tqdm
 
@@ -220,6 +225,9 @@ def fit(
             opt.step()
             sched.step()
             step += 1
+            if after_step is not None:
+                with torch.no_grad():
+                    after_step(step, total)
             seen += n_global
             if c is not None:
                 correct, count = correct + int(_sum_over_processes(c, device)), count + n_global

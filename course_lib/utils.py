@@ -35,6 +35,15 @@ def seed_everything(seed: int = 0) -> None:
     torch.manual_seed(seed)
 
 
+def freeze(model: torch.nn.Module) -> torch.nn.Module:
+    """Eval mode and requires_grad False on every parameter: a frozen part of a model (the image
+    encoder and language model of a vision-language model, a DINO teacher)."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
 def count_params(model: torch.nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 

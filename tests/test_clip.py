@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from conftest import randomize_, report_diff
 
-from course_lib import clip
+from course_lib import clip, layers
 from course_lib.clip import CLIP, CLIPConfig, SceneTokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -126,7 +126,7 @@ def test_causal_mask_and_text_pooling():
 
 
 def causal_rows():
-    return clip.causal_mask(3).tolist()
+    return layers.causal_mask(3).tolist()
 
 
 def test_causal_text_tower_ignores_tokens_after_eos():
