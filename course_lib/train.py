@@ -96,6 +96,36 @@ def _accuracy(model: nn.Module, step_fn: Callable, data: Batch, batch_size: int,
     return correct / data[0].shape[0]
 
 
+@torch.no_grad()
+def extract_features(
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    inputs: torch.Tensor,
+    batch_size: int = 256,
+    model: nn.Module | None = None,
+) -> torch.Tensor:
+    """`fn` applied to `inputs` in batches, without gradients: (N, ...) -> (N, ...) on the CPU.
+
+    The one feature extractor of the course: `fn` is whatever maps a batch to features
+    (`backbone.forward_features`, a lambda that pools the CLS token, a CLIP image tower). Pass
+    `model` (the module `fn` belongs to) to run it in eval mode and on its device; its training
+    mode is restored afterwards.
+    """
+    if inputs.shape[0] == 0:
+        raise ValueError("extract_features got no inputs (a tensor of length 0)")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    was_training = model.training if model is not None else False
+    device = next(model.parameters()).device if model is not None else inputs.device
+    if model is not None:
+        model.eval()
+    try:
+        out = [fn(batch.to(device)).cpu() for batch in inputs.split(batch_size)]
+    finally:
+        if model is not None:
+            model.train(was_training)
+    return torch.cat(out)
+
+
 def distributed_info() -> tuple[int, int]:
     """(rank, world size) of this process: (0, 1) unless torch.distributed is initialised."""
     if dist.is_available() and dist.is_initialized():
