@@ -20,7 +20,8 @@ help:
 	@echo "make lab        open JupyterLab on the course"
 	@echo "make labs       regenerate labs/ from solutions/ (FORCE=1 to replace edited labs, with a backup)"
 	@echo "make grade      grade students' lab notebooks: SUBMISSIONS=folder/ [OUT=gradebook/] (README)"
-	@echo "make notebooks  rewrite the .ipynb copies from the .md sources (solutions executed)"
+	@echo "make notebooks  rewrite the .ipynb copies from the .md sources (plain Markdown, solutions with outputs)"
+	@echo "make release    pin the Colab cells and badges to a tag: TAG=v0.2.0 [REPOSITORY=https://github.com/OWNER/NAME]"
 
 setup: $(STAMP)
 
@@ -74,10 +75,20 @@ grade: $(STAMP)
 	$(if $(SUBMISSIONS),,$(error give the submissions: make grade SUBMISSIONS=path/to/folder))
 	$(BIN)/python -m course_lib.grade $(SUBMISSIONS) --out $(or $(OUT),gradebook) --jobs $(JOBS) $(if $(LAB),--lab $(LAB),)
 
+# The .ipynb copies students open, written by grading/notebooks.py: MyST rewritten into plain
+# Markdown; solutions keep their outputs when their code is unchanged, and are executed otherwise.
 notebooks: $(STAMP)
-	$(BIN)/jupytext --to ipynb lectures/*.md
-	$(BIN)/jupytext --to ipynb --execute solutions/*.md
+	$(BIN)/python -m grading.notebooks
 	$(MAKE) labs
+
+# Pin the course to a release: make release TAG=v0.2.0 [REPOSITORY=https://github.com/you/fork]
+# rewrites release.toml, every Colab install cell and badge, then the notebooks (README, "Publishing").
+.PHONY: release
+release: $(STAMP)
+	$(if $(TAG),,$(error give the tag: make release TAG=v0.2.0 [REPOSITORY=https://github.com/OWNER/NAME]))
+	$(BIN)/python scripts/release.py --tag $(TAG) $(if $(REPOSITORY),--repository $(REPOSITORY),)
+	$(MAKE) notebooks
+	$(BIN)/python scripts/release.py --check
 
 clean:
 	rm -rf _build .pytest_cache

@@ -85,10 +85,10 @@ def make_lab(solution: Path) -> nbformat.NotebookNode:
 
 def render(nb: nbformat.NotebookNode) -> dict[str, str]:
     """The text of the .md and .ipynb files for a notebook."""
+    from grading.notebooks import markdown_to_notebook, notebook_text
+
     md = jupytext.writes(nb, fmt="md:myst")
-    ipynb_nb = nbformat.from_dict(json.loads(json.dumps(nb)))
-    ipynb_nb.metadata.get("jupytext", {}).pop("text_representation", None)
-    ipynb = nbformat.writes(ipynb_nb) + "\n"
+    ipynb = notebook_text(markdown_to_notebook(md, "labs"))
     return {".md": md, ".ipynb": ipynb}
 
 

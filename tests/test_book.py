@@ -10,13 +10,13 @@ from pathlib import Path
 import jupytext
 import pytest
 
+from grading.notebooks import read_release
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 import book_pages  # noqa: E402
 import build_book  # noqa: E402
 
-COLAB = "https://colab.research.google.com/github/vit-course/vit-course/blob/main/"
-INSTALL = "git+https://github.com/vit-course/vit-course"
 NOTEBOOKS = sorted(p for folder in ("lectures", "labs") for p in (ROOT / folder).glob("*.md"))
 
 
@@ -73,13 +73,15 @@ def test_solutions_are_a_part_the_book_can_drop(site):
 
 @pytest.mark.parametrize("md", NOTEBOOKS, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_notebook_has_a_colab_badge_for_itself(md):
-    """Every lecture and lab opens in Colab from its badge, and installs the course there."""
+    """Every lecture and lab opens in Colab from its badge, and installs the course there, both
+    at the release of release.toml."""
+    release = read_release()
     nb = jupytext.read(md)
     title_cell = nb.cells[0].source
-    target = f"{COLAB}{md.parent.name}/{md.stem}.ipynb"
+    target = release.colab(f"{md.parent.name}/{md.stem}.ipynb")
     assert f"[![Open in Colab](https://colab.research.google.com/assets/colab-badge.svg)]({target})" in title_cell
     install = next(c.source for c in nb.cells if c.cell_type == "code")
-    assert INSTALL in install and "google.colab" in install
+    assert release.pip_url in install and "google.colab" in install
 
 
 def test_citations_use_keys_of_the_bibliography():
