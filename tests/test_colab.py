@@ -1,13 +1,15 @@
 """A notebook's Colab install cell works on a clean Python.
 
 Colab runs a notebook in a Python that has torch and Jupyter but not the course. The notebook's
-first cell sees `google.colab` imported and runs `%pip install "vit-course @ git+<repository>"`.
-This test does the same on this machine: a fresh virtual environment with only torch and
-ipykernel (what Colab brings), a stand-in `google.colab` module imported at kernel start, and the
-install cell pointed at this repository through `git+file://` (so, like Colab from GitHub, it
-installs the committed tree, as a wheel, not the working folder). Then the whole lab runs, its
+first cell sees `google.colab` imported and runs `%pip install "vit-course @ git+REPOSITORY@TAG"`,
+the release of release.toml. This test does the same on this machine: a fresh virtual
+environment with only torch and ipykernel (what Colab brings), a stand-in `google.colab` module
+imported at kernel start, and the install cell run exactly as written except that REPOSITORY is a
+clone of this repository standing in for GitHub (so, like Colab, pip installs the tagged commit,
+as a wheel, not the working folder). When TAG does not exist yet (it is created when the release
+is published), the stand-in remote tags the committed HEAD with it. Then the whole lab runs, its
 checks report, `course_lib` is imported from the new environment, and the shipped checkpoints are
-in the installed package.
+in the installed package; and the first cells of a lecture run in the same environment.
 
 About 2 minutes (mostly pip). Run with `make test-browser`; the `colab` marker keeps it out of
 `make test-unit`.
@@ -28,9 +30,12 @@ import pytest
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
+from grading.notebooks import read_release
+
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "labs" / "01_vit.ipynb"
-REPO_URL = "git+https://github.com/vit-course/vit-course"
+LECTURE = ROOT / "lectures" / "01_vit.ipynb"
+LECTURE_CELLS = 4  # code cells: the install cell, the imports and the first steps
 TORCH = os.environ.get("TORCH", "torch==2.13.0")
 
 pytestmark = pytest.mark.colab
@@ -42,10 +47,17 @@ def base_python() -> str:
     return getattr(sys, "_base_executable", None) or shutil.which("python3")
 
 
-def install_url() -> str:
-    if (ROOT / ".git").exists() and shutil.which("git"):
-        return f"git+file://localhost{ROOT}"  # pip rejects `name @ git+file:///path` (no host)
-    return str(ROOT)  # not a clone: install the folder itself
+def stand_in_remote(tmp: Path, tag: str) -> str:
+    """A bare clone of this repository at tmp/remote.git, holding `tag` (HEAD when it does not
+    exist yet); its URL for pip (which rejects `name @ git+file:///path`: no host)."""
+    remote = tmp / "remote.git"
+    subprocess.run(["git", "clone", "-q", "--bare", str(ROOT), str(remote)], check=True, capture_output=True)
+    has_tag = subprocess.run(["git", "-C", str(remote), "rev-parse", "-q", "--verify", f"refs/tags/{tag}"],
+                             capture_output=True).returncode == 0
+    if not has_tag:
+        subprocess.run(["git", "-C", str(remote), "tag", tag, "HEAD"], check=True, capture_output=True)
+    print(f"stand-in remote: {tag} {'exists' if has_tag else 'does not exist yet: tagged HEAD'}")
+    return f"file://localhost{remote}"
 
 
 @pytest.fixture(scope="module")
@@ -80,10 +92,13 @@ def colab_like():
 def test_lab_installs_and_runs_like_on_colab(colab_like, monkeypatch):
     tmp, python, jupyter_path = colab_like
     monkeypatch.setenv("JUPYTER_PATH", str(jupyter_path))
+    release = read_release()
     nb = nbformat.read(NOTEBOOK, as_version=4)
     install = nb.cells[next(i for i, c in enumerate(nb.cells) if c.cell_type == "code")]
-    assert REPO_URL in install.source and "google.colab" in install.source, install.source
-    install.source = install.source.replace(REPO_URL, install_url())
+    written = f'%pip install -q "vit-course @ {release.pip_url}"'
+    assert written in install.source and "google.colab" in install.source, install.source
+    # Exactly the cell's command, with the stand-in for the GitHub repository.
+    install.source = install.source.replace(release.repository, stand_in_remote(tmp, release.tag))
     shipped = sorted(p.name for p in (ROOT / "course_lib" / "checkpoints").glob("*.safetensors"))
     nb.cells.append(nbformat.v4.new_code_cell(
         "import course_lib, sys\n"
@@ -113,4 +128,15 @@ def test_lab_installs_and_runs_like_on_colab(colab_like, monkeypatch):
     assert f"course_lib from {site}" in last, f"course_lib was not imported from the fresh environment: {last}"
     assert f"checkpoints {shipped}" in last, f"the installed package lacks checkpoints: {last} (shipped: {shipped})"
     summary = next(line for line in report.splitlines() if "exercises passed" in line)
-    print(f"installed from {install_url()} into a fresh venv; the lab ran: {summary}")
+    print(f"installed `{written}` (stand-in remote) into a fresh venv; the lab ran: {summary}")
+
+    # A lecture's first cells in the same environment (the course is installed: the cell skips pip).
+    lecture = nbformat.read(LECTURE, as_version=4)
+    code = [i for i, c in enumerate(lecture.cells) if c.cell_type == "code"]
+    assert written in lecture.cells[code[0]].source, "the lecture installs the same release"
+    lecture.cells = lecture.cells[: code[LECTURE_CELLS - 1] + 1]
+    client = NotebookClient(lecture, kernel_name="colab", timeout=600, resources={"metadata": {"path": str(workdir)}})
+    client.execute()
+    ran = [c for c in lecture.cells if c.cell_type == "code"]
+    assert all(c.execution_count for c in ran) and not any(o.output_type == "error" for c in ran for o in c.outputs)
+    print(f"{LECTURE.name}: its first {len(ran)} code cells ran")
