@@ -15,7 +15,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 .PHONY: help setup test test-unit test-notebooks book lab labs notebooks clean
 
 help:
-	@echo "make book       execute the lectures and build the MyST book (_build/)"
+	@echo "make book       execute the lectures and build the HTML book (_build/html; OFFLINE=1, NO_EXECUTE=1)"
 	@echo "make test       run every test: library, parity, labs, notebook budgets, browser clients"
 	@echo "make lab        open JupyterLab on the course"
 	@echo "make labs       regenerate labs/ from solutions/ (FORCE=1 to replace edited labs, with a backup)"
@@ -60,8 +60,11 @@ SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 browser-setup:
 	@command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium; }
 
+# The HTML book in _build/html: with the MyST book theme when it can be downloaded, otherwise
+# (offline, CI) a static site rendered from MyST's content by scripts/static_book.mjs (Node.js;
+# `npm ci` of package.json's pinned packages on first use). NO_EXECUTE=1: no notebook is executed.
 book: $(STAMP)
-	$(BIN)/python scripts/build_book.py
+	$(BIN)/python scripts/build_book.py $(if $(NO_EXECUTE),--no-execute,) $(if $(OFFLINE),--offline,)
 
 lab: $(STAMP)
 	$(BIN)/jupyter lab --notebook-dir=. $(if $(filter 0,$(shell id -u)),--allow-root,)
@@ -91,4 +94,4 @@ release: $(STAMP)
 	$(BIN)/python scripts/release.py --check
 
 clean:
-	rm -rf _build .pytest_cache
+	rm -rf _build .pytest_cache node_modules

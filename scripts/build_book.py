@@ -3,6 +3,7 @@
     python scripts/build_book.py                # execute every notebook and build the book
     python scripts/build_book.py --no-execute   # only check and build the pages
     python scripts/build_book.py --offline      # the offline build, even when online
+    python scripts/build_book.py --no-execute --outputs-from DIR   # outputs of executed notebooks in DIR
 
 First it writes the generated pages (the `course_lib` API reference and the references page,
 scripts/book_pages.py). Then:
@@ -13,7 +14,14 @@ scripts/book_pages.py). Then:
   site content instead into _build/site: every page with its executed outputs and figures,
   cross-references, citations and the search index. The theme is replaced by an empty
   placeholder in _build/templates, and the remote "Open in Colab" badge image by a local copy
-  (book/colab-badge.svg) in MyST's image cache.
+  (book/colab-badge.svg) in MyST's image cache. Then scripts/static_book.mjs renders that content
+  into a static HTML site in _build/html (table of contents in a sidebar, figures, MathML math,
+  citations with each page's reference list, admonitions), with the npm packages pinned in
+  package.json (`npm ci` on first use), and checks every local link and anchor in it.
+
+Outputs are not executed twice: `--no-execute --outputs-from DIR` builds without executing and
+puts on each page the outputs of an executed notebook of the same name in DIR (the browser test
+passes the lecture it has just run in JupyterLab).
 
 Both run with --strict, so a broken cross-reference, citation or image fails the build. Then the
 result is checked: every page of the table of contents is there and, when executed, every lecture
@@ -184,6 +192,80 @@ def check_site(executed: bool, site: Path = SITE) -> list[str]:
     return problems
 
 
+def fill_outputs(folder: Path, site: Path = SITE) -> list[str]:
+    """Give each built page whose source has an executed notebook of the same name in `folder`
+    (`03_convnext.ipynb` for lectures/03_convnext.md) that notebook's outputs, in MyST's format
+    (figures written to site/public). Returns the pages filled."""
+    import nbformat
+
+    filled = []
+    pages = {p.get("location", "").lstrip("/"): path for path in (site / "content").glob("*.json")
+             for p in [json.loads(path.read_text())]}
+    for executed in sorted(folder.glob("*.ipynb")):
+        for source, path in pages.items():
+            if Path(source).stem != executed.stem or not source.startswith("lectures/"):
+                continue
+            page = json.loads(path.read_text())
+            slots = []
+            collect = lambda n: (slots.append(n) if isinstance(n, dict) and n.get("type") == "outputs" else  # noqa: E731
+                                 [collect(v) for v in (n.values() if isinstance(n, dict) else n if isinstance(n, list) else [])])
+            collect(page["mdast"])
+            cells = [c for c in nbformat.read(executed, as_version=4).cells if c.cell_type == "code"]
+            if len(cells) != len(slots):
+                raise SystemExit(f"{executed}: {len(cells)} code cells, but {source} has {len(slots)}: not the same notebook")
+            for slot, cell in zip(slots, cells):
+                slot["children"] = [{"type": "output", "children": [], "jupyter_data": _myst_output(o, site)} for o in cell.outputs]
+            path.write_text(json.dumps(page))
+            filled.append(source)
+    return filled
+
+
+def _myst_output(output: dict, site: Path) -> dict:
+    """A notebook output as MyST's site JSON stores it: images as files in public/."""
+    import base64
+
+    output = json.loads(json.dumps(output))
+    if "text" in output and isinstance(output["text"], list):
+        output["text"] = "".join(output["text"])
+    if output.get("output_type") == "error":
+        output["traceback"] = "\n".join(output.get("traceback", []))
+    data = {}
+    for kind, value in output.get("data", {}).items():
+        value = "".join(value) if isinstance(value, list) else value
+        if kind.startswith("image/") and kind != "image/svg+xml":
+            digest = hashlib.md5(value.encode()).hexdigest()
+            name = f"{digest}.{kind.split('/')[1]}"
+            (site / "public" / name).write_bytes(base64.b64decode(value))
+            data[kind] = {"content_type": kind, "hash": digest, "path": f"/{name}"}
+        else:
+            data[kind] = {"content_type": kind, "content": value if isinstance(value, str) else json.dumps(value)}
+    if data:
+        output["data"] = data
+    return output
+
+
+def static_html(site: Path = SITE, out: Path = ROOT / "_build" / "html") -> dict:
+    """scripts/static_book.mjs: the site content -> static HTML in `out` (installs its pinned npm
+    packages on first use). Returns its summary: pages, figures, links checked, broken, seconds."""
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if not node or not npm:
+        raise SystemExit("the offline HTML book needs Node.js 18+ (node and npm): install it, or read _build/site")
+    if not (ROOT / "node_modules" / "myst-to-html").exists():
+        proc = subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=ROOT, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"`npm ci` could not install the pinned packages of package.json (is the npm registry "
+                             f"reachable?):\n{proc.stderr[-2000:]}")
+    proc = subprocess.run([node, str(ROOT / "scripts" / "static_book.mjs"), str(site), str(out)],
+                          cwd=ROOT, capture_output=True, text=True)
+    lines = proc.stdout.strip().splitlines()
+    if not lines or not lines[-1].startswith("{"):
+        raise SystemExit(f"scripts/static_book.mjs failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    summary = json.loads(lines[-1])
+    if summary["broken"]:
+        raise SystemExit("broken links in the HTML book:\n  " + "\n  ".join(summary["broken"][:50]))
+    return summary
+
+
 def summarize(site: Path = SITE) -> str:
     pages = page_contents(site)
     outputs = sum(count_nodes(p["mdast"], "output") for p in pages.values())
@@ -212,7 +294,9 @@ def run_myst(cmd: list[str], env: dict) -> int:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--no-execute", action="store_true", help="build the pages without executing notebooks")
-    p.add_argument("--offline", action="store_true", help="build the site content even if online")
+    p.add_argument("--offline", action="store_true", help="build the offline HTML book even if online")
+    p.add_argument("--outputs-from", type=Path, metavar="DIR",
+                   help="with --no-execute: show the outputs of the executed notebooks in DIR (same file names)")
     args = p.parse_args()
 
     subprocess.run([sys.executable, str(ROOT / "scripts" / "book_pages.py")], cwd=ROOT, check=True)
@@ -245,10 +329,17 @@ def main() -> int:
     if problems:
         print("the built book is incomplete:\n  " + "\n  ".join(problems), file=sys.stderr)
         return 1
-    where = ROOT / "_build" / ("html" if online else "site")
-    print(f"book built in {where.relative_to(ROOT)} in {time.perf_counter() - start:.0f} s: {summarize()}")
-    if not online:
-        print("offline build: the HTML theme was not downloaded; run `make book` online for _build/html")
+    if args.outputs_from:
+        filled = fill_outputs(args.outputs_from)
+        print(f"outputs from {args.outputs_from}: {', '.join(filled) or 'no page has a notebook there'}")
+    print(f"book content built in {time.perf_counter() - start:.0f} s: {summarize()}")
+    if online:
+        print(f"book built with the MyST book theme in _build/html: open _build/html/index.html")
+        return 0
+    summary = static_html()
+    print(f"offline HTML book in _build/html (the book theme cannot be downloaded here): {summary['pages']} pages, "
+          f"{summary['figures']} figures, {summary['links']} local links checked (0 broken) in {summary['seconds']:.1f} s; "
+          f"open _build/html/index.html")
     return 0
 
 
