@@ -70,7 +70,7 @@ const handlers = {
 const render = (tree) => unified().use(rehypeStringify, { allowDangerousHtml: true }).stringify(mystToHast({ handlers, allowDangerousHtml: true })(tree));
 
 // The sidebar: the table of contents of config.json (a level-1 entry without a slug is a part title).
-const pages = [{ slug: project.index, title: project.title, level: 1 }, ...project.pages];
+const pages = [{ slug: project.index, title: 'Introduction', level: 1 }, ...project.pages];
 function sidebar(current) {
   return pages.map((p) => (p.slug
     ? `<li class="level${p.level}"><a href="${pageFile(p.slug)}"${p.slug === current ? ' class="current"' : ''}>${escape(p.title)}</a></li>`

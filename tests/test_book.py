@@ -1,6 +1,7 @@
 """The book: its table of contents, citations, cross-references and generated pages build with MyST
 in --strict mode (without executing the notebooks here; `make book` executes them and checks
-their figures). Offline, as in CI, this is the site-content build."""
+their figures). Offline, as in CI, this is the site-content build, rendered into the static HTML
+book (_build/html) by scripts/static_book.mjs; tests/test_browser.py opens it in Chromium."""
 
 import re
 import subprocess
@@ -24,12 +25,39 @@ def bib_keys() -> set[str]:
     return set(book_pages.bib_entries(ROOT / "references.bib"))
 
 
+BUILD_OUTPUT = {}
+
+
 @pytest.fixture(scope="module")
 def site():
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "build_book.py"), "--no-execute", "--offline"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    BUILD_OUTPUT["stdout"] = proc.stdout
     return build_book.page_contents()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (Path(sys.executable).parent / "myst").exists(), reason="mystmd is not installed")
+def test_offline_html_book_has_every_page_and_no_broken_link(site):
+    """The static HTML book: one file per page of the table of contents, a sidebar that lists every
+    page, MyST rendered (citations linked to each page's reference list, admonitions, MathML),
+    no raw MyST, every local link and anchor resolved (static_book.mjs fails otherwise)."""
+    html = ROOT / "_build" / "html"
+    line = next(ln for ln in BUILD_OUTPUT["stdout"].splitlines() if ln.startswith("offline HTML book"))
+    print(line)
+    files = sorted(p.name for p in html.glob("*.html"))
+    assert len(files) == len(site) and "index.html" in files, (len(files), len(site))
+    assert "0 broken" in line and int(re.search(r"(\d+) local links checked", line).group(1)) > 1000
+    lecture = (html / "lectures.vit.html").read_text()
+    for page in [f for f in files if f.startswith("lectures.")]:
+        assert f'href="{page}"' in lecture, f"the sidebar does not list {page}"
+    assert re.search(r'<a href="#cite-dosovitskiy2021vit" class="cite">', lecture)
+    assert '<li id="cite-dosovitskiy2021vit">' in lecture and "arxiv.org/abs/2010.11929" in lecture
+    assert '<aside class="admonition important">' in lecture and "Key idea" in lecture
+    assert "<math" in lecture, "math is rendered (MathML)"
+    text = re.sub(r"<pre.*?</pre>|<[^>]+>", "", lecture, flags=re.S)
+    assert "{cite" not in text and ":::" not in text, "raw MyST in the HTML book"
 
 
 @pytest.mark.skipif(not (Path(sys.executable).parent / "myst").exists(), reason="mystmd is not installed")

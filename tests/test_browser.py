@@ -2,8 +2,12 @@
 
 - JupyterLab: start `jupyter lab` on localhost, open a lecture and a lab, Run All, and check that
   the outputs, a figure and an ipywidgets control render (so the widget extension is installed).
+  The lecture's markdown reads cleanly there: no raw MyST (`{cite`, `:::`), its key idea as a
+  blockquote, its citations as links.
 - Standalone HTML: the lecture executed in JupyterLab exports with nbconvert to one HTML file that
   shows its figures when opened from disk.
+- The offline HTML book: built without executing (the lecture executed in JupyterLab lends its
+  outputs), opened from disk; every lecture is reached by following links from the index.
 
 Screenshots go to _build/screenshots/. Needs Debian's chromium (`make browser-setup`) and the
 `playwright` Python package (no browser download: it drives /usr/bin/chromium). Run with
@@ -179,6 +183,16 @@ def test_lecture_runs_in_jupyterlab_with_figures_and_widgets(jupyter_lab, browse
     assert page.locator(".jp-OutputArea-output:has-text('Error displaying widget')").count() == 0, \
         "the widget manager is missing: is jupyterlab_widgets installed?"
     assert figures.first.evaluate("img => img.naturalWidth") > 100, "the figure did not load"
+    # The markdown as a student reads it: plain Markdown, no MyST left over.
+    rendered = page.locator(".jp-MarkdownCell .jp-RenderedMarkdown")
+    markdown = "\n".join(rendered.all_inner_texts())
+    for raw in ("{cite", ":::", "```{", ")="):
+        assert raw not in markdown, f"raw MyST {raw!r} is visible in JupyterLab"
+    key_idea = page.locator(".jp-RenderedMarkdown blockquote", has_text="Key idea")
+    citations = page.locator(".jp-RenderedMarkdown a", has_text="et al.")
+    assert key_idea.count() == 1 and citations.count() > 3, (key_idea.count(), citations.count())
+    key_idea.scroll_into_view_if_needed()
+    page.screenshot(path=str(SHOTS / f"jupyterlab-{LECTURE}-markdown.png"))
     figures.nth(1 if figures.count() > 1 else 0).scroll_into_view_if_needed()
     page.screenshot(path=str(SHOTS / f"jupyterlab-{LECTURE}.png"))
     cell = page.locator(".jp-CodeCell", has=controls.first).first
@@ -186,7 +200,8 @@ def test_lecture_runs_in_jupyterlab_with_figures_and_widgets(jupyter_lab, browse
     cell.screenshot(path=str(SHOTS / f"jupyterlab-{LECTURE}-widget.png"))
     save(page)
     print(f"{LECTURE} in JupyterLab: {n} cells in {seconds:.0f} s, {outputs.count()} outputs, "
-          f"{figures.count()} figures, {controls.count()} widget controls; screenshots in {SHOTS.relative_to(ROOT)}")
+          f"{figures.count()} figures, {controls.count()} widget controls, {citations.count()} citation links, "
+          f"no raw MyST in {rendered.count()} markdown cells; screenshots in {SHOTS.relative_to(ROOT)}")
     page.close()
 
 
@@ -226,4 +241,63 @@ def test_executed_notebook_exports_to_standalone_html(workdir, browser):
     SHOTS.mkdir(parents=True, exist_ok=True)
     shutil.copy(html, SHOTS / f"{LECTURE}.html")
     print(f"{LECTURE}.html: {html.stat().st_size / 1e6:.1f} MB, {images.count()} figures")
+    page.close()
+
+
+def executed_lecture(workdir: Path) -> Path:
+    """The lecture as JupyterLab ran and saved it above, or executed here when run alone."""
+    notebook = workdir / f"{LECTURE}.ipynb"
+    if not any(o.get("output_type") == "display_data" for c in json.loads(notebook.read_text())["cells"]
+               for o in c.get("outputs", [])):
+        subprocess.run([str(BIN / "jupyter"), "nbconvert", "--to", "notebook", "--execute", "--inplace",
+                        "--ExecutePreprocessor.timeout=600", str(notebook)], check=True, capture_output=True, timeout=900)
+    return notebook
+
+
+def test_offline_book_opens_from_disk(workdir, browser):
+    """`make book` offline: build without executing, lend the lecture executed above its outputs,
+    render the static HTML book, open it from disk and follow the links from the index to every
+    lecture; screenshot a lecture page with a figure and a citation."""
+    executed = executed_lecture(workdir)
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "build_book.py"), "--no-execute", "--offline",
+                           "--outputs-from", str(executed.parent)], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    built = time.perf_counter() - start
+    summary = next(ln for ln in proc.stdout.splitlines() if ln.startswith("offline HTML book"))
+    html = ROOT / "_build" / "html"
+    page = browser.new_page()
+    page.goto((html / "index.html").as_uri(), wait_until="load")
+    lectures = page.locator("nav a[href^='lectures.']")
+    hrefs = [lectures.nth(i).get_attribute("href") for i in range(lectures.count())]
+    expected = sorted(f"lectures.{p.stem.split('_', 1)[1]}.html" for p in (ROOT / "lectures").glob("*.md"))
+    assert sorted(hrefs) == expected, (hrefs, expected)
+    visited, links = 0, 0
+    for href in hrefs:
+        page.goto((html / "index.html").as_uri(), wait_until="load")
+        page.locator(f"nav a[href='{href}']").first.click()
+        page.wait_for_load_state("load")
+        assert page.url.endswith(href)
+        heading = page.locator("main h1").first.inner_text()
+        text = page.locator("main").inner_text()
+        assert heading.startswith("Lecture"), heading
+        assert "{cite" not in text and ":::" not in text, f"{href}: raw MyST visible"
+        assert page.locator("main a.cite").count() > 0 and page.locator("section.references li").count() > 0
+        links += page.locator("main a").count()
+        visited += 1
+    page.goto((html / f"lectures.{LECTURE.split('_', 1)[1]}.html").as_uri(), wait_until="load")
+    figures = page.locator("main img.output")
+    assert figures.count() > 0, "the executed lecture's figures are missing"
+    page.wait_for_function("() => [...document.querySelectorAll('main img.output')].every(i => i.complete && i.naturalWidth > 100)",
+                           timeout=30_000)
+    # The first figure that has a citation above it on the same screen.
+    cite = page.locator("main a.cite").first
+    cite.scroll_into_view_if_needed()
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / f"book-{LECTURE}-citation.png"))
+    figures.first.scroll_into_view_if_needed()
+    page.evaluate("window.scrollBy(0, -250)")
+    page.screenshot(path=str(SHOTS / f"book-{LECTURE}-figure.png"))
+    print(f"{summary}\nbuilt in {built:.0f} s; in Chromium from disk: {visited} lectures reached from the index "
+          f"({links} links on them), {figures.count()} figures on {LECTURE}; screenshots in {SHOTS.relative_to(ROOT)}")
     page.close()
