@@ -36,8 +36,9 @@ NOTEBOOK_FOLDERS = ("lectures", "solutions", "labs")
 CITE = re.compile(r"\{cite(?::(\w+))?\}`([^`]+)`")
 TARGET = re.compile(r"^\([\w.:-]+\)=[ \t]*\n?", flags=re.M)
 # An admonition: colon fence (`:::{important} Title`) or backtick fence (```{note}), up to the
-# closing fence of the same length.
-ADMONITION = re.compile(r"^(?P<fence>:{3,}|`{3,})\{(?P<kind>[\w-]+)\}[ \t]*(?P<title>[^\n]*)\n(?P<body>.*?)^(?P=fence)[ \t]*$",
+# closing fence of the same length. (Other directives are left alone, and raw_myst reports them.)
+ADMONITION_KINDS = "admonition|attention|caution|danger|error|hint|important|note|seealso|tip|warning"
+ADMONITION = re.compile(rf"^(?P<fence>:{{3,}}|`{{3,}})\{{(?P<kind>{ADMONITION_KINDS})\}}[ \t]*(?P<title>[^\n]*)\n(?P<body>.*?)^(?P=fence)[ \t]*$",
                         flags=re.M | re.S)
 LINK = re.compile(r"(?<!!)\[(?P<text>(?:[^\[\]]|\[[^\]]*\])*)\]\((?P<url>[^)\s]+)\)")
 # What plain Markdown renders as raw text: roles, directives, targets, MyST-only link targets.
