@@ -27,7 +27,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 BOOK = ROOT / "book"
-SOURCE_URL = "https://github.com/vit-course/vit-course/blob/main/"
+from grading.notebooks import read_release  # noqa: E402
+
+SOURCE_URL = read_release(ROOT).blob("")  # the source at the release the notebooks install (release.toml)
 CITE = re.compile(r"\{cite(?::\w+)?\}`([^`]+)`")
 
 

@@ -71,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     config = re.sub(r'^repository = ".*"$', f'repository = "{release.repository}"', config, flags=re.M)
     config = re.sub(r'^tag = ".*"$', f'tag = "{release.tag}"', config, flags=re.M)
     (ROOT / "release.toml").write_text(config)
+    # The book's "GitHub" link (myst.yml) names the repository too.
+    myst = ROOT / "myst.yml"
+    myst.write_text(re.sub(r"^(  github: ).*$", rf"\g<1>{release.repository}", myst.read_text(), flags=re.M))
     changed = 0
     for path in sources():
         text = path.read_text()
