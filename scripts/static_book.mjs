@@ -42,8 +42,12 @@ function outputHast(h, data) {
   const d = data.data || {};
   if (data.output_type === 'stream') return h(data, 'pre', { class: 'output stream' }, [{ type: 'text', value: data.text.replace(ANSI, '') }]);
   if (data.output_type === 'error') return h(data, 'pre', { class: 'output error' }, [{ type: 'text', value: data.traceback.replace(ANSI, '') }]);
-  if (d['application/vnd.jupyter.widget-view+json'])
+  if (d['application/vnd.jupyter.widget-view+json']) {
+    // `widgets.interact`: the lectures draw its static figure just above. Other widgets (tqdm's
+    // progress bars) have nothing to show once the run is over.
+    if (!(d['text/plain']?.content || '').startsWith('interactive(')) return null;
     return h(data, 'p', { class: 'output widget' }, [{ type: 'text', value: 'Interactive widget: open the notebook in JupyterLab or Colab to use it (the figure above is its static version).' }]);
+  }
   for (const kind of ['image/svg+xml', 'image/png', 'image/jpeg', 'image/gif'])
     if (d[kind]) return h(data, 'img', { src: 'public' + d[kind].path, alt: d['text/plain']?.content || 'figure', class: 'output' });
   if (d['text/html']) return h(data, 'div', { class: 'output html' }, [raw(d['text/html'].content)]);
@@ -64,7 +68,7 @@ const handlers = {
     const parts = all(h, node).flatMap((c, i) => (i ? [{ type: 'text', value: node.kind === 'parenthetical' ? '; ' : ', ' }, c] : [c]));
     return h(node, 'span', { class: 'cite-group' }, node.kind === 'parenthetical' ? [{ type: 'text', value: '(' }, ...parts, { type: 'text', value: ')' }] : parts);
   },
-  outputs: (h, node) => h(node, 'div', { class: 'outputs' }, node.children.map((o) => outputHast(h, o.jupyter_data || {}))),
+  outputs: (h, node) => h(node, 'div', { class: 'outputs' }, node.children.map((o) => outputHast(h, o.jupyter_data || {})).filter(Boolean)),
   block: (h, node) => h(node, 'div', { class: node.kind === 'notebook-code' ? 'cell' : 'block' }, all(h, node)),
 };
 const render = (tree) => unified().use(rehypeStringify, { allowDangerousHtml: true }).stringify(mystToHast({ handlers, allowDangerousHtml: true })(tree));
@@ -96,7 +100,7 @@ let figures = 0;
 for (const [i, p] of linkable.entries()) {
   const page = JSON.parse(fs.readFileSync(path.join(site, 'content', p.slug + '.json'), 'utf8'));
   let body = render(page.mdast);
-  figures += (body.match(/<img [^>]*class="output"/g) || []).length;
+  figures += (body.match(/<img\b(?:[^>"]|"[^"]*")*class="output"/g) || []).length;
   const title = page.frontmatter?.title || p.title;
   if (!page.frontmatter?.content_includes_title) body = `<h1>${escape(title)}</h1>\n` + body;
   const cite = page.references?.cite;
