@@ -134,10 +134,14 @@ def _link(m: re.Match, folder: str, release: Release) -> str:
     if re.match(r"[a-z][\w+.-]*:", url):  # https:, mailto:, ...
         return m.group(0)
     if url.startswith("#api-"):
-        # #api-vit and #api-vit-patchify: the module's source file (module names use `_`).
-        module = url[len("#api-"):].split("-")[0]
-        modules = {p.stem.replace("_", ""): p.stem for p in (ROOT / "course_lib").glob("*.py")}
-        path = f"course_lib/{modules.get(module, module)}.py"
+        # #api-vit, #api-vit-patchify, #api-image-encoder-...: the module's source file (the labels
+        # of scripts/book_pages.py write `_` as `-`; the longest module name that fits wins).
+        modules = {f"#api-{p.stem.replace('_', '-')}": p for p in (ROOT / "course_lib").iterdir()
+                   if (p.suffix == ".py" and p.stem != "__init__") or (p / "__init__.py").exists()}
+        fits = [a for a in modules if url == a or url.startswith(a + "-")]
+        if not fits:
+            raise NotebookError(f"the link {url!r} names no module of course_lib (labels: api-MODULE[-OBJECT])")
+        path = modules[max(fits, key=len)].relative_to(ROOT).as_posix()
         return f"[{text or path}]({release.blob(path)})"
     if url.startswith("#"):
         return m.group(0)  # a heading of this notebook

@@ -58,6 +58,14 @@ def test_bibliography_reads_every_entry_and_latex_accents(tmp_path):
     assert bibliography(small)["a2020"] == {"authors": "J\u00e9gou and M\u00fcller", "year": "2020", "url": "https://arxiv.org/abs/1"}
 
 
+def test_api_links_lead_to_the_module_source():
+    blob = f"{RELEASE.repository}/blob/{RELEASE.tag}/"
+    out = plain_markdown("[patchify](#api-vit-patchify) and [](#api-layers)", "labs", RELEASE)
+    assert out == f"[patchify]({blob}course_lib/vit.py) and [course_lib/layers.py]({blob}course_lib/layers.py)"
+    with pytest.raises(NotebookError, match="names no module"):
+        plain_markdown("[x](#api-nosuchmodule)", "labs", RELEASE)
+
+
 def test_unknown_citation_key_is_a_clear_error():
     with pytest.raises(NotebookError, match="'nosuchkey2099' is not in references.bib"):
         plain_markdown("{cite:t}`nosuchkey2099`", "lectures", RELEASE)
