@@ -111,7 +111,8 @@ for (const [i, p] of linkable.entries()) {
   fs.writeFileSync(path.join(out, pageFile(p.slug)), `<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">
 <title>${escape(title)} · ${escape(project.title)}</title><style>${CSS}</style></head>
 <body><nav><p><a href="index.html"><strong>${escape(project.title)}</strong></a></p><ul>${sidebar(p.slug)}</ul></nav>
-<main>${body}${pager}</main></body></html>\n`);
+<main>${body}${pager}</main>
+<script>document.querySelector('nav a.current')?.scrollIntoView({ block: 'center' });</script></body></html>\n`);
 }
 
 // Every local href/src must lead to a file, and every #anchor to an id on its page.
