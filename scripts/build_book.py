@@ -193,30 +193,37 @@ def check_site(executed: bool, site: Path = SITE) -> list[str]:
 
 
 def fill_outputs(folder: Path, site: Path = SITE) -> list[str]:
-    """Give each built page whose source has an executed notebook of the same name in `folder`
-    (`03_convnext.ipynb` for lectures/03_convnext.md) that notebook's outputs, in MyST's format
-    (figures written to site/public). Returns the pages filled."""
+    """Give each built lecture page the outputs of the notebook in `folder` that is that lecture
+    executed: same file name, same code cells as lectures/NAME.ipynb (a lab of the same name is
+    not). Outputs are written in MyST's format, figures as files in site/public. Returns the pages."""
     import nbformat
 
+    def code(path: Path) -> list[str]:
+        return [c.source for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code"]
+
+    def slots(node) -> list[dict]:
+        if isinstance(node, list):
+            return [s for v in node for s in slots(v)]
+        if not isinstance(node, dict):
+            return []
+        return [node] if node.get("type") == "outputs" else [s for v in node.values() for s in slots(v)]
+
+    pages = {json.loads(path.read_text()).get("location", "").lstrip("/"): path for path in (site / "content").glob("*.json")}
     filled = []
-    pages = {p.get("location", "").lstrip("/"): path for path in (site / "content").glob("*.json")
-             for p in [json.loads(path.read_text())]}
     for executed in sorted(folder.glob("*.ipynb")):
-        for source, path in pages.items():
-            if Path(source).stem != executed.stem or not source.startswith("lectures/"):
-                continue
-            page = json.loads(path.read_text())
-            slots = []
-            collect = lambda n: (slots.append(n) if isinstance(n, dict) and n.get("type") == "outputs" else  # noqa: E731
-                                 [collect(v) for v in (n.values() if isinstance(n, dict) else n if isinstance(n, list) else [])])
-            collect(page["mdast"])
-            cells = [c for c in nbformat.read(executed, as_version=4).cells if c.cell_type == "code"]
-            if len(cells) != len(slots):
-                raise SystemExit(f"{executed}: {len(cells)} code cells, but {source} has {len(slots)}: not the same notebook")
-            for slot, cell in zip(slots, cells):
-                slot["children"] = [{"type": "output", "children": [], "jupyter_data": _myst_output(o, site)} for o in cell.outputs]
-            path.write_text(json.dumps(page))
-            filled.append(source)
+        source = f"lectures/{executed.stem}.md"
+        lecture = ROOT / "lectures" / f"{executed.stem}.ipynb"
+        if source not in pages or not lecture.exists() or code(executed) != code(lecture):
+            continue
+        page = json.loads(pages[source].read_text())
+        cells = [c for c in nbformat.read(executed, as_version=4).cells if c.cell_type == "code"]
+        targets = slots(page["mdast"])
+        if len(cells) != len(targets):
+            raise SystemExit(f"{executed}: {len(cells)} code cells, but the page of {source} has {len(targets)}")
+        for slot, cell in zip(targets, cells):
+            slot["children"] = [{"type": "output", "children": [], "jupyter_data": _myst_output(o, site)} for o in cell.outputs]
+        pages[source].write_text(json.dumps(page))
+        filled.append(source)
     return filled
 
 
