@@ -253,10 +253,18 @@ class Llava(nn.Module):
         if c.grid_pinpoints is None:
             return list(self.encode_images(images))
         views = [anyres_views(im, c.grid_pinpoints, c.tile_size) for im in images]
-        feats = self.encode_images(torch.cat(views)).split([len(v) for v in views])
+        feats = vision_features(self.vision_tower, torch.cat(views), c.feature_layer).split([len(v) for v in views])
+        return self.tokens_from_features(feats, [im.shape[-2:] for im in images])
+
+    def tokens_from_features(self, features: Sequence[torch.Tensor], image_sizes: Sequence[Sequence[int]] | None = None) -> list[torch.Tensor]:
+        """Vision features (per image: (views, N, D_vision)) -> each image's LM tokens (M_i, D_lm).
+        The vision tower is frozen in both stages, so training can compute its features once."""
+        c = self.config
+        if c.grid_pinpoints is None:
+            return [self.connector(f).flatten(0, -2) for f in features]
         return [
-            pack_anyres_features(f, im.shape[-2:], c.grid_pinpoints, c.tile_size, self.image_newline)
-            for f, im in zip(feats, images)
+            pack_anyres_features(self.connector(f), size, c.grid_pinpoints, c.tile_size, self.image_newline)
+            for f, size in zip(features, image_sizes)
         ]
 
     def num_image_tokens(self, image_size: Sequence[int]) -> int:
