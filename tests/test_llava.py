@@ -159,3 +159,83 @@ def test_llava_next_parity_on_non_square_images(tmp_path):
         with torch.no_grad():
             report_diff(f"LLaVA-NeXT {tag}: logits", model(ids, images), out.logits)
             report_loss(f"LLaVA-NeXT {tag}: loss", model.loss(ids, images, labels), out.loss)
+
+
+# ----------------------------------------------------------------------------------------------
+# Instructions from the scenes, the chat template, and the training script
+# ----------------------------------------------------------------------------------------------
+def test_instructions_are_deterministic_and_true_to_the_scene():
+    from course_lib import data
+    from course_lib.recipes import instructions as I
+
+    tok = I.instruction_tokenizer()
+    answers = {"yes": 0, "no": 0}
+    for i in range(80):
+        scene = data.render_scene(i)
+        samples = I.instructions(scene, i)
+        assert samples == I.instructions(scene, i) and [s["kind"] for s in samples] == list(I.KINDS)
+        for s in samples + [I.caption_sample(scene)]:
+            for q, a in s["turns"]:
+                assert tok.decode(tok.encode(f"{q} {a}")).replace(" .", ".").replace(" ?", "?") == f"{q} {a}".replace(" .", ".").replace(" ?", "?")
+        (q, a), = samples[3]["turns"]
+        colour, shape = q.split()[3:5]
+        assert (a == "yes") == any((o["color"], o["shape"]) == (colour, shape) for o in scene["objects"])
+        answers[a] += 1
+        (q, a), = samples[2]["turns"]
+        if a != "nothing":
+            relation = " ".join(q.split()[2:-4])
+            cell = lambda o: divmod(data.POSITIONS.index(o["position"]), 3)  # noqa: E731
+            refs = [o for o in scene["objects"] if f"the {o['color']} {o['shape']} ?" in q]
+            others = [o for o in scene["objects"] if a == f"the {o['size']} {o['color']} {o['shape']}"]
+            assert any(I.RELATIONS[relation](cell(o)[0] - cell(r)[0], cell(o)[1] - cell(r)[1]) for r in refs for o in others)
+        assert samples[1]["turns"][0][1].startswith("there is one shape" if scene["count"] == 1 else "there are")
+    assert min(answers.values()) > 25  # both answers common
+
+
+def test_chat_template_supervises_answers_only():
+    from course_lib.recipes import instructions as I
+    from course_lib.recipes.llava_training import encode_samples
+
+    tok = I.instruction_tokenizer()
+    sample = {"kind": "conversation", "turns": [("what color is it ?", "red"), ("how many shapes are there ?", "two")]}
+    ids, labels, last = encode_samples([sample, {"kind": "yes/no", "turns": [("is there a red circle ?", "no")]}], tok, 4)
+    assert tok.decode(ids[0], skip_special=False).startswith("<bos> <image> <image> <image> <image> <user> what color")
+    supervised = [tok.vocab[i] for i in labels[0].tolist() if i != IGNORE_INDEX]
+    assert supervised == ["red", "<eos>", "two", "<eos>"]
+    assert [tok.vocab[i] for i in ids[0][last[0]].tolist()] == ["two", "<eos>"]
+    assert (ids[1][labels[1] == IGNORE_INDEX] != tok.ids["no"]).all()
+
+
+def test_panorama_panels_are_the_scenes():
+    from course_lib.recipes import instructions as I
+
+    for i in range(6):
+        image, sample = I.panorama(i)
+        H, W = image.shape[1:]
+        assert sorted((H, W)) in ([32, 64], [32, 96]) and image.min() >= 0 and image.max() <= 1
+        assert sample["kind"] in ("shape", "color") and sample == I.panorama(i)[1]
+
+
+@pytest.mark.slow
+def test_training_script_smoke(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from course_lib.utils import load_checkpoint
+
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, str(root / "scripts" / "train_llava.py"), "--n", "16", "--steps", "1", "--batch", "8", "--out-dir", str(tmp_path)]
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "COURSE_CACHE": str(tmp_path / "cache")}, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    for name in ("llava_scenes", "llava_next_scenes"):
+        model, meta = load_checkpoint(tmp_path / f"{name}.safetensors", Llava, LlavaConfig)
+        assert set(json_loads(meta["results"])) >= {"lm_alone", "lm_with_true_caption", "stage1", "stage2_full", "stage2_lora", "anyres"}
+    assert model.config.grid_pinpoints is not None and model.image_newline is not None
+
+
+def json_loads(text: str):
+    import json
+
+    return json.loads(text)
