@@ -3,7 +3,7 @@
     python scripts/train_llava.py                                     # the shipped checkpoints (~15 min, one thread)
     python scripts/train_llava.py --n 32 --steps 2 --out-dir /tmp/llava   # a smoke run
 
-0. The language model: a `course_lib.llama.Llama` (width 64, 4 blocks) trained by this script on
+0. The language model: a `course_lib.llama.Llama` (width 64, 2 blocks) trained by this script on
    text only, as a chat model: "<bos> [caption] <user> question <assistant> answer <eos>" for every
    instruction kind, with the true caption where the image will go (4 texts in 5) or nothing.
    Measured: the LM alone (no caption: its prior) and the LM reading the true caption (the ceiling
@@ -29,7 +29,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from course_lib import data
 from course_lib.llama import Llama, LlamaConfig
@@ -39,10 +38,12 @@ from course_lib.recipes import instructions as I
 from course_lib.recipes.llava_training import (
     accuracy_by_kind,
     encode_samples,
-    image_features,
+    instruction_data,
     llava_loss,
     lm_text_loss,
+    panorama_data,
     set_trainable,
+    text_eval_data,
 )
 from course_lib.train import fit
 from course_lib.utils import CHECKPOINTS, count_params, load_checkpoint, save_checkpoint, seed_everything
@@ -64,45 +65,11 @@ def lm_texts(records, tok, context_share: float = 0.8, seed: int = 0):
     return ids, ids.masked_fill(ids == tok.pad_id, -100)
 
 
-def instruction_data(model, records, images, tok, caption_only: bool = False):
-    """(features, ids, labels, last) and the kinds, for the image model."""
-    samples = [I.caption_sample(r) for r in records] if caption_only else [s for i, r in enumerate(records) for s in I.instructions(r, i)]
-    per_scene = 1 if caption_only else len(I.KINDS)
-    feats = image_features(model, images).repeat_interleave(per_scene, 0)
-    ids, labels, last = encode_samples(samples, tok, model.num_image_tokens((32, 32)))
-    return (feats, ids, labels, last), [s["kind"] for s in samples]
-
-
-def text_eval_data(records, tok, with_caption: bool):
-    samples = [s for i, r in enumerate(records) for s in I.instructions(r, i)]
-    contexts = [r["caption"] for r in records for _ in I.KINDS] if with_caption else None
-    ids, labels, last = encode_samples(samples, tok, 0, contexts)
-    return (torch.zeros(len(samples)), ids, labels, last), [s["kind"] for s in samples]
-
-
-def panorama_data(model, n, split, tok, one_view: bool):
-    images, samples = zip(*(I.panorama(i, split) for i in range(n)))
-    if one_view:  # LLaVA-1.5: pad to a square, resize to the encoder's input
-        views = []
-        for im in images:
-            side = max(im.shape[1:])
-            top, left = (side - im.shape[1]) // 2, (side - im.shape[2]) // 2
-            canvas = F.pad(im, (left, side - im.shape[2] - left, top, side - im.shape[1] - top))
-            views.append(F.interpolate(canvas[None], size=(32, 32), mode="bilinear", antialias=True)[0])
-        feats, counts, extra = image_features(model, torch.stack(views)), [model.num_image_tokens((32, 32))] * n, ()
-    else:
-        feats = image_features(model, list(images))
-        counts = [model.num_image_tokens(im.shape[1:]) for im in images]
-        extra = (torch.tensor([list(im.shape[1:]) for im in images]),)
-    ids, labels, last = encode_samples(samples, tok, counts)
-    return (feats, ids, labels, last, *extra), [s["kind"] for s in samples], sum(counts) / n
-
-
 def train(model, data_, steps, batch, lr, seed=0):
     n = data_[0].shape[0]
     epochs = max(1, round(steps * batch / n))
     hist = fit(model, data_, epochs=epochs, batch_size=batch, lr=lr, weight_decay=0.0, loss_fn=llava_loss_or_text(data_),
-               seed=seed, progress=False)
+               seed=seed, progress=True)
     return hist
 
 
@@ -112,13 +79,13 @@ def llava_loss_or_text(data_):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--n", type=int, default=4000, help="training scenes (test: n // 8, at most 500)")
+    p.add_argument("--n", type=int, default=3000, help="training scenes (test: n // 8, at most 500)")
     p.add_argument("--steps", type=int, default=None, help="steps for every run (default: the per-run values below)")
-    p.add_argument("--lm-steps", type=int, default=3000)
-    p.add_argument("--stage1-steps", type=int, default=600)
-    p.add_argument("--stage2-steps", type=int, default=1200)
-    p.add_argument("--anyres-steps", type=int, default=600)
-    p.add_argument("--panoramas", type=int, default=3000)
+    p.add_argument("--lm-steps", type=int, default=600)
+    p.add_argument("--stage1-steps", type=int, default=150)
+    p.add_argument("--stage2-steps", type=int, default=300)
+    p.add_argument("--anyres-steps", type=int, default=200)
+    p.add_argument("--panoramas", type=int, default=2000)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--out-dir", type=Path, default=CHECKPOINTS)
     p.add_argument("--threads", type=int, default=1)
@@ -135,9 +102,9 @@ def main() -> None:
     train_img, test_img = data.to_tensors(train_ds)[0], data.to_tensors(test_ds)[0]
 
     # 0. the language model, on text only
-    lm = Llama(LlamaConfig(vocab_size=tok.vocab_size, dim=64, depth=4, num_heads=4, mlp_dim=172))
+    lm = Llama(LlamaConfig(vocab_size=tok.vocab_size, dim=64, depth=2, num_heads=4, mlp_dim=172))
     fit(lm, lm_texts(train_rec, tok), epochs=max(1, round(steps(args.lm_steps) * args.batch / (5 * args.n))),
-        batch_size=args.batch, lr=3e-3, weight_decay=0.0, loss_fn=lm_text_loss, progress=False)
+        batch_size=args.batch, lr=3e-3, weight_decay=0.0, loss_fn=lm_text_loss, progress=True)
     for name, with_caption in (("lm_alone", False), ("lm_with_true_caption", True)):
         d, kinds = text_eval_data(test_rec, tok, with_caption)
         shell = Llava(LlavaConfig(text=lm.config))

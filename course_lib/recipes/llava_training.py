@@ -14,10 +14,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..llava import IGNORE_INDEX, Llava, answer_labels, next_token_loss, select_best_resolution, splice_image_features, vision_features
 from ..tinylm import WordTokenizer, pad_batch
+from . import instructions as I
 from .instructions import ASSISTANT, USER
 
 
@@ -62,8 +64,16 @@ def image_features(model: Llava, images: torch.Tensor | Sequence[torch.Tensor], 
     return out
 
 
+def trim_padding(ids: torch.Tensor, *others: torch.Tensor, pad_id: int = 0) -> tuple[torch.Tensor, ...]:
+    """Cut the columns that are padding in every row (B, T) -> (B, T'): a batch of short samples
+    then costs what its longest sample costs, not what the longest sample of the dataset costs."""
+    T = int((ids != pad_id).any(0).nonzero().max()) + 1
+    return (ids[:, :T],) + tuple(o[:, :T] for o in others)
+
+
 def _logits(model: Llava, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """batch: (features (B, V, N, D) or a dummy (B,) for text-only rows, ids, labels, last[, sizes])."""
+    """batch: (features (B, V, N, D) or a dummy (B,) for text-only rows, ids, labels, last[, sizes]);
+    the ids must already be trimmed to the labels' length."""
     features, ids = batch[0], batch[1]
     embeds = model.lm.embed(ids)
     if features.ndim > 1:
@@ -81,6 +91,7 @@ def _logits(model: Llava, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
 
 def llava_loss(model: Llava, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     """`loss_fn` for fit: the answer-only loss, and the count of rows whose last answer is right."""
+    batch = (batch[0], *trim_padding(*batch[1:4]), *batch[4:])
     logits = _logits(model, batch)
     return next_token_loss(logits, batch[2]), answers_correct(logits, batch[2], batch[3]).sum()
 
@@ -99,6 +110,7 @@ def accuracy_by_kind(model: Llava, data: tuple[torch.Tensor, ...], kinds: Sequen
     correct = []
     for i in range(0, len(kinds), batch_size):
         batch = tuple(t[i : i + batch_size] for t in data)
+        batch = (batch[0], *trim_padding(*batch[1:4]), *batch[4:])
         correct.append(answers_correct(_logits(model, batch), batch[2], batch[3]))
     ok = torch.cat(correct)
     out = {k: round(ok[[j for j, kk in enumerate(kinds) if kk == k]].float().mean().item(), 3) for k in dict.fromkeys(kinds)}
@@ -108,7 +120,7 @@ def accuracy_by_kind(model: Llava, data: tuple[torch.Tensor, ...], kinds: Sequen
 
 def lm_text_loss(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, None]:
     """`loss_fn` for pretraining the language model on text (ids, labels): every token counts."""
-    ids, labels = batch
+    ids, labels = trim_padding(*batch)
     return next_token_loss(model(ids), labels), None
 
 
@@ -124,3 +136,41 @@ def set_trainable(model: Llava, connector: bool, lm: bool) -> Llava:
             p.requires_grad_(connector)
     return model
 
+
+def instruction_data(model: Llava, records: list[dict], images: torch.Tensor, tok: WordTokenizer, caption_only: bool = False):
+    """Training or test data for `fit` / `accuracy_by_kind`: ((features, ids, labels, last), kinds),
+    one sample of each instruction kind per scene, or the brief captions of stage 1."""
+    samples = [I.caption_sample(r) for r in records] if caption_only else [s for i, r in enumerate(records) for s in I.instructions(r, i)]
+    per_scene = 1 if caption_only else len(I.KINDS)
+    feats = image_features(model, images).repeat_interleave(per_scene, 0)
+    ids, labels, last = encode_samples(samples, tok, model.num_image_tokens(tuple(images.shape[-2:])))
+    return (feats, ids, labels, last), [s["kind"] for s in samples]
+
+
+def text_eval_data(records: list[dict], tok: WordTokenizer, with_caption: bool):
+    """The instructions without an image, for the LM alone; or with the true caption in its place
+    (the ceiling: what the LM answers when the image is described perfectly)."""
+    samples = [s for i, r in enumerate(records) for s in I.instructions(r, i)]
+    contexts = [r["caption"] for r in records for _ in I.KINDS] if with_caption else None
+    ids, labels, last = encode_samples(samples, tok, 0, contexts)
+    return (torch.zeros(len(samples)), ids, labels, last), [s["kind"] for s in samples]
+
+
+def panorama_data(model: Llava, n: int, split: str, tok: WordTokenizer, one_view: bool):
+    """AnyRes data: ((features, ids, labels, last[, sizes]), kinds, image tokens per panorama).
+    `one_view`: each panorama padded to a square and resized to one encoder input (LLaVA-1.5)."""
+    images, samples = zip(*(I.panorama(i, split) for i in range(n)))
+    if one_view:  # LLaVA-1.5: pad to a square, resize to the encoder's input
+        views, size = [], model.config.tile_size
+        for im in images:
+            side = max(im.shape[1:])
+            top, left = (side - im.shape[1]) // 2, (side - im.shape[2]) // 2
+            canvas = F.pad(im, (left, side - im.shape[2] - left, top, side - im.shape[1] - top))
+            views.append(F.interpolate(canvas[None], size=(size, size), mode="bilinear", antialias=True)[0])
+        feats, counts, extra = image_features(model, torch.stack(views)), [model.num_image_tokens((size, size))] * n, ()
+    else:
+        feats = image_features(model, list(images))
+        counts = [model.num_image_tokens(im.shape[1:]) for im in images]
+        extra = (torch.tensor([list(im.shape[1:]) for im in images]),)
+    ids, labels, last = encode_samples(samples, tok, counts)
+    return (feats, ids, labels, last, *extra), [s["kind"] for s in samples], sum(counts) / n
