@@ -217,6 +217,14 @@ def pack_anyres_features(
     return torch.cat([base, grid.flatten(1).T])  # (n*n + H' * (W' + 1), D)
 
 
+def num_anyres_tokens(image_size: Sequence[int], resolutions: Sequence[Sequence[int]], tile: int, side: int) -> int:
+    """Image tokens of an image of (height, width) under AnyRes, with `side` x `side` features per
+    tile: the base view's side^2, plus the unpadded tile map's rows, each with its newline."""
+    gh, gw = select_best_resolution(image_size, resolutions)
+    h, w = unpad_features(torch.empty(0, gh // tile * side, gw // tile * side), image_size).shape[1:]
+    return side * side + h * (w + 1)
+
+
 # ----------------------------------------------------------------------------------------------
 # The model
 # ----------------------------------------------------------------------------------------------
@@ -273,11 +281,7 @@ class Llava(nn.Module):
         n = c.vision.grid[0] * c.vision.grid[1]
         if c.grid_pinpoints is None:
             return n
-        side = math.isqrt(n)
-        gh, gw = select_best_resolution(image_size, c.grid_pinpoints)
-        grid = torch.empty(0, gh // c.tile_size * side, gw // c.tile_size * side)
-        h, w = unpad_features(grid, image_size).shape[1:]
-        return n + h * (w + 1)
+        return num_anyres_tokens(image_size, c.grid_pinpoints, c.tile_size, math.isqrt(n))
 
     def embed(self, input_ids: torch.Tensor, images=None) -> torch.Tensor:
         """The LM's input embeddings (B, T, D) with the image tokens spliced in."""
