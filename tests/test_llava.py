@@ -264,3 +264,17 @@ def test_shipped_checkpoints_load_and_answer():
     assert live["conversation"] > results["lm_alone"]["conversation"] + 0.2
     next_model, _ = load_checkpoint("llava_next_scenes.safetensors", Llava, LlavaConfig)
     assert next_model.config.grid_pinpoints is not None and next_model.image_newline is not None
+
+
+def test_answer_is_correct_only_when_every_token_and_eos_would_be_generated():
+    from course_lib.recipes.llava_training import answers_correct, trim_padding
+
+    labels = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, 5, 2, IGNORE_INDEX]] * 3)
+    last = labels != IGNORE_INDEX
+    logits = torch.zeros(3, 5, 8)
+    logits[:, 1, 5] = logits[:, 2, 2] = 1.0  # position t predicts token t + 1
+    logits[1, 2, 2], logits[1, 2, 7] = 0.0, 1.0  # row 1: the answer is right but <eos> is not
+    logits[2, 1, 5], logits[2, 1, 4] = 0.0, 1.0  # row 2: the answer word is wrong
+    assert answers_correct(logits, labels, last).tolist() == [True, False, False]
+    ids = torch.tensor([[1, 4, 0, 0], [1, 0, 0, 0]])
+    assert trim_padding(ids, ids)[1].tolist() == [[1, 4], [1, 0]]
