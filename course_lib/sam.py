@@ -104,8 +104,8 @@ def pad_points(points: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor
 # ----------------------------------------------------------------------------------------------
 @dataclass
 class SamConfig:
-    image_size: int = 64
-    patch_size: int = 8
+    image_size: int = 32
+    patch_size: int = 4
     in_chans: int = 3
     # image encoder (a ViT): window attention except in `global_blocks`
     dim: int = 64
@@ -457,7 +457,8 @@ def convert_hf_state_dict(state: dict[str, torch.Tensor], config: SamConfig) -> 
 # Sizes
 # ----------------------------------------------------------------------------------------------
 def sam_scenes(**kw) -> Sam:
-    """The course's SAM for 64 x 64 scenes: an 8 x 8 grid, windows of 4, two global blocks."""
+    """The course's SAM for 32 x 32 scenes: patches of 4, an 8 x 8 grid, windows of 4, two global
+    blocks; the masks come out at 32 x 32, the image's own resolution."""
     return Sam(SamConfig(**kw))
 
 
