@@ -36,10 +36,10 @@ def summarize(results: dict[str, torch.Tensor]) -> dict[str, float]:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n-train", type=int, default=10_000)
+    ap.add_argument("--n-train", type=int, default=8_000)
     ap.add_argument("--n-test", type=int, default=500)
-    ap.add_argument("--epochs", type=int, default=6)
-    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--rounds", type=int, default=3, help="prompts per mask in the simulated interaction")
     ap.add_argument("--no-error-points", action="store_true", help="ablation: later clicks anywhere in the object")
