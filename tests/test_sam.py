@@ -305,3 +305,23 @@ def test_train_script_smoke(tmp_path):
     results = json.loads(meta["results"])
     assert {"miou_click1", "miou_click3", "miou_box", "miou_colour", "pred_true_iou_corr"} <= set(results)
     assert model.encode_image(torch.rand(1, 3, 32, 32)).shape == (1, 32, 8, 8)
+
+
+@pytest.mark.slow
+def test_shipped_checkpoint_clicks_beat_one_click_and_the_baseline():
+    """The shipped model (scripts/train_sam.py): its recorded held-out results, and a fresh
+    evaluation on 100 held-out scenes that must agree with them."""
+    from course_lib.recipes.sam import evaluate_clicks, scene_tensors
+    from course_lib.utils import load_checkpoint
+
+    model, meta = load_checkpoint("sam_scenes.safetensors", Sam, SamConfig)
+    assert model.config == sam_scenes().config, "the script's config and the shipped checkpoint's differ: rerun the script"
+    recorded = json.loads(meta["results"])
+    assert recorded["miou_click3"] > recorded["miou_click1"]
+    assert recorded["miou_click3"] > recorded["miou_colour"]
+    assert recorded["pred_true_iou_corr"] > 0.3
+    fresh = evaluate_clicks(model, *scene_tensors(100, "test", resolution=32))
+    print({k: round(float(v.mean()), 3) for k, v in fresh.items()})
+    assert fresh["iou_click3"].mean() > fresh["iou_click1"].mean()
+    assert fresh["iou_click3"].mean() > fresh["iou_colour"].mean()
+    assert abs(fresh["iou_click3"].mean() - recorded["miou_click3"]) < 0.05

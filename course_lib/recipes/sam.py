@@ -101,7 +101,7 @@ def sample_error_points(
     weights = region.flatten(1).float() + 1e-12  # uniform over the region; an empty one: anywhere
     idx = torch.multinomial(weights, 1, generator=generator)[:, 0]  # (B,)
     ys, xs = idx // W, idx % W
-    labels = (~fp.flatten(1)[torch.arange(B), idx]).long()  # on a false positive: negative click
+    labels = (~fp.flatten(1)[torch.arange(B, device=idx.device), idx]).long()  # on a false positive: negative click
     return torch.stack([xs, ys], dim=1).float(), labels
 
 
@@ -119,14 +119,14 @@ def interior_point(region: torch.Tensor) -> torch.Tensor:
     idx = depth.flatten(1).argmax(1)
     points = torch.stack([idx % W, idx // W], dim=1).float()
     empty = ~region.flatten(1).any(1)
-    return torch.where(empty[:, None], torch.tensor([W / 2, H / 2]), points)
+    return torch.where(empty[:, None], torch.tensor([W / 2, H / 2], device=points.device), points)
 
 
 def box_of(target: torch.Tensor) -> torch.Tensor:
     """The tight box (x1, y1, x2, y2) of each (B, H, W) mask, in pixels (inclusive corners)."""
     B, H, W = target.shape
     rows, cols = target.any(2), target.any(1)  # (B, H), (B, W)
-    ar_h, ar_w = torch.arange(H), torch.arange(W)
+    ar_h, ar_w = torch.arange(H, device=target.device), torch.arange(W, device=target.device)
     y1 = torch.where(rows, ar_h, H).min(1).values
     y2 = torch.where(rows, ar_h, -1).max(1).values
     x1 = torch.where(cols, ar_w, W).min(1).values
@@ -139,14 +139,14 @@ def noisy_box(target: torch.Tensor, noise: float = 0.1, max_pixels: float = 3.0,
     side, capped at `max_pixels` (the paper: 10% of the side, at most 20 pixels at 1024 px)."""
     box = box_of(target)
     side = torch.stack([box[:, 2] - box[:, 0], box[:, 3] - box[:, 1]] * 2, dim=1) + 1
-    jitter = torch.randn(box.shape, generator=generator) * noise * side
+    jitter = torch.randn(box.shape, generator=generator, device=box.device) * noise * side
     return box + jitter.clamp(-max_pixels, max_pixels)
 
 
 def pick_objects(label_maps: torch.Tensor, counts: torch.Tensor, generator=None) -> torch.Tensor:
     """One random object per scene: label maps (B, H, W) (0 = background, i = object i) and
     object counts (B,) -> the chosen object's boolean mask (B, H, W)."""
-    which = (torch.rand(counts.shape, generator=generator) * counts.float()).long() + 1  # in 1..count
+    which = (torch.rand(counts.shape, generator=generator, device=counts.device) * counts.float()).long() + 1  # in 1..count
     return label_maps == which[:, None, None]
 
 
@@ -178,7 +178,7 @@ def interactive_loss(
     use_box = bool(torch.rand(()) < box_prob)
     boxes = noisy_box(target) if use_box else None
     if use_box:
-        points, labels = images.new_zeros(B, 0, 2), torch.zeros(B, 0, dtype=torch.long)
+        points, labels = images.new_zeros(B, 0, 2), torch.zeros(B, 0, dtype=torch.long, device=images.device)
     else:
         points, labels = sample_error_points(torch.zeros_like(target), target)
         points, labels = points[:, None], labels[:, None]
@@ -190,7 +190,7 @@ def interactive_loss(
         best, index = min_over_masks(mask_loss(full, target))
         true_iou = mask_iou(full.detach(), target)
         total = total + best.mean() + iou_weight * F.mse_loss(iou_pred, true_iou)
-        rows = torch.arange(B)
+        rows = torch.arange(B, device=images.device)
         prev_logits = masks[rows, index][:, None].detach()  # (B, 1, 4g, 4g): the dense prompt next round
         if r + 1 < rounds:
             pred = full[rows, index].detach() > 0
@@ -217,15 +217,15 @@ def scene_tensors(n: int, split: str, resolution: int = 64) -> tuple[torch.Tenso
 
 def object_rows(label_maps: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Every object of every scene: (scene index (M,), object mask (M, S, S) bool)."""
-    scene = torch.repeat_interleave(torch.arange(len(counts)), counts)
-    obj = torch.cat([torch.arange(1, int(c) + 1) for c in counts])
+    scene = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts)
+    obj = torch.cat([torch.arange(1, int(c) + 1, device=counts.device) for c in counts])
     return scene, label_maps[scene] == obj[:, None, None]
 
 
 def colour_baseline(images: torch.Tensor, points: torch.Tensor, tolerance: float = 0.12) -> torch.Tensor:
     """The baseline: every pixel whose colour is within `tolerance` (RGB distance, [0, 1] scale)
     of the clicked pixel's. images (B, 3, S, S), points (B, 2) (x, y) -> masks (B, S, S) bool."""
-    rows = torch.arange(images.shape[0])
+    rows = torch.arange(images.shape[0], device=images.device)
     xs, ys = points[:, 0].long(), points[:, 1].long()
     clicked = images[rows, :, ys, xs]  # (B, 3)
     return (images - clicked[:, :, None, None]).norm(dim=1) < tolerance
@@ -246,16 +246,18 @@ def evaluate_clicks(
     the highest predicted IoU is kept, as at inference time.
     """
     model.eval()
+    device = next(model.parameters()).device
+    images, label_maps, counts = images.to(device), label_maps.to(device), counts.to(device)
     scene, targets = object_rows(label_maps, counts)
     S = images.shape[-1]
     out: dict[str, list[torch.Tensor]] = {}
     embeddings = torch.cat([model.encode_image(b) for b in images.split(batch_size)])
     for lo in range(0, len(scene), batch_size):
         emb, target, img = embeddings[scene[lo:lo + batch_size]], targets[lo:lo + batch_size], images[scene[lo:lo + batch_size]]
-        rows = torch.arange(len(target))
+        rows = torch.arange(len(target), device=target.device)
         p = interior_point(target)
         out.setdefault("iou_colour", []).append(mask_iou(colour_baseline(img, p)[:, None].float() * 2 - 1, target)[:, 0])
-        points, labels, prev = p[:, None], torch.ones(len(target), 1, dtype=torch.long), None
+        points, labels, prev = p[:, None], torch.ones(len(target), 1, dtype=torch.long, device=p.device), None
         for c in range(clicks):
             masks, iou_pred = model.decode(emb, points, labels, mask_logits=prev)
             choice = iou_pred.argmax(1)
@@ -273,4 +275,4 @@ def evaluate_clicks(
             labels = torch.cat([labels, (use_fn | done).long()[:, None]], 1)
         masks, _ = model.decode(emb, boxes=box_of(target))
         out.setdefault("iou_box", []).append(mask_iou(upsample_masks(masks, S), target)[:, 0])
-    return {k: torch.cat(v) for k, v in out.items()}
+    return {k: torch.cat(v).cpu() for k, v in out.items()}
