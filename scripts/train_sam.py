@@ -40,7 +40,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--n-test", type=int, default=500)
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr", type=float, default=1.5e-3)
     ap.add_argument("--rounds", type=int, default=3, help="prompts per mask in the simulated interaction")
     ap.add_argument("--no-error-points", action="store_true", help="ablation: later clicks anywhere in the object")
     ap.add_argument("--threads", type=int, default=1)

@@ -143,13 +143,6 @@ def noisy_box(target: torch.Tensor, noise: float = 0.1, max_pixels: float = 3.0,
     return box + jitter.clamp(-max_pixels, max_pixels)
 
 
-def pick_objects(label_maps: torch.Tensor, counts: torch.Tensor, generator=None) -> torch.Tensor:
-    """One random object per scene: label maps (B, H, W) (0 = background, i = object i) and
-    object counts (B,) -> the chosen object's boolean mask (B, H, W)."""
-    which = (torch.rand(counts.shape, generator=generator, device=counts.device) * counts.float()).long() + 1  # in 1..count
-    return label_maps == which[:, None, None]
-
-
 # ----------------------------------------------------------------------------------------------
 # The training step (a loss_fn for course_lib.train.fit)
 # ----------------------------------------------------------------------------------------------
@@ -164,17 +157,19 @@ def interactive_loss(
 ) -> tuple[torch.Tensor, None]:
     """Simulated interaction on a batch (images (B, 3, S, S), label maps (B, S, S), counts (B,)).
 
-    Round 1 prompts with a point inside the object or (with probability `box_prob`, for the whole
-    batch) its noisy box; every later round adds one click from the error region of the previous
+    Every object of every scene is a training mask (the paper samples up to 64 masks per image):
+    the image is encoded once and its embedding repeated for each of its objects. Round 1
+    prompts with a point inside the object or (with probability `box_prob`, for the whole batch)
+    its noisy box; every later round adds one click from the error region of the previous
     prediction (or, with `error_points=False`, a positive click anywhere in the object: the
-    ablation) and feeds the previous mask logits back. The image is encoded once; the loss is the
-    mean over rounds of the mask loss (the best of three for a single click) plus the IoU MSE.
+    ablation) and feeds the previous mask logits back. The loss is the mean over rounds of the
+    mask loss (the best of three for a single click) plus the IoU MSE.
     """
     images, label_maps, counts = batch
-    target = pick_objects(label_maps, counts.to(label_maps.device))
+    scene, target = object_rows(label_maps, counts.to(label_maps.device))
     S = images.shape[-1]
-    embeddings = model.encode_image(images)
-    B = images.shape[0]
+    embeddings = model.encode_image(images)[scene]  # (M, C, g, g): one row per object
+    B = target.shape[0]
     use_box = bool(torch.rand(()) < box_prob)
     boxes = noisy_box(target) if use_box else None
     if use_box:
