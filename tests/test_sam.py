@@ -91,6 +91,7 @@ def test_hypernetwork_masks_is_a_dot_product_per_pixel():
     assert torch.allclose(masks[1, 2, 3, 1], w[1, 2] @ up[1, :, 3, 1])
 
 
+@pytest.mark.slow
 def test_multimask_output_count_and_shapes():
     model = sam_scenes().eval()
     images = torch.rand(2, 3, 32, 32)
@@ -103,6 +104,7 @@ def test_multimask_output_count_and_shapes():
     assert masks.shape == (2, 1, 32, 32)
 
 
+@pytest.mark.slow
 def test_bad_inputs_raise_clear_errors():
     model = sam_scenes().eval()
     with pytest.raises(ValueError, match="resize"):
@@ -271,6 +273,7 @@ def test_objects_and_colour_baseline():
     assert colour_baseline(image, torch.tensor([[1.0, 0.0]])).tolist() == [[[True, True], [False, False]]]
 
 
+@pytest.mark.slow
 def test_interactive_loss_trains_through_every_part():
     model = sam_scenes()
     images = torch.rand(4, 3, 32, 32)
