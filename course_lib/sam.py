@@ -394,10 +394,6 @@ def upsample_masks(mask_logits: torch.Tensor, size: int) -> torch.Tensor:
 def config_from_hf(hf_config, **overrides) -> SamConfig:
     """Translate a transformers SamConfig (or its config.json) into a SamConfig."""
     v, p, m = (cfg(hf_config, k) for k in ("vision_config", "prompt_encoder_config", "mask_decoder_config"))
-    if isinstance(v, dict):
-        from types import SimpleNamespace
-
-        v, p, m = SimpleNamespace(**v), SimpleNamespace(**p), SimpleNamespace(**m)
     dim = cfg(v, "hidden_size")
     kwargs = dict(
         image_size=cfg(v, "image_size"), patch_size=cfg(v, "patch_size"), in_chans=cfg(v, "num_channels", 3),
@@ -462,9 +458,15 @@ def sam_scenes(**kw) -> Sam:
     return Sam(SamConfig(**kw))
 
 
-def sam_vit_base(**kw) -> Sam:
-    """The paper's smallest image encoder (ViT-B, 1024 px, windows of 14, global blocks 2, 5, 8, 11)."""
+def sam_vit_base_config(**kw) -> SamConfig:
+    """The paper's smallest model (ViT-B encoder, 1024 px, windows of 14, global blocks 2, 5, 8, 11;
+    decoder width 256): transformers' default SamConfig."""
     base = dict(image_size=1024, patch_size=16, dim=768, depth=12, num_heads=12, window_size=14,
                 global_blocks=[2, 5, 8, 11], prompt_dim=256, decoder_heads=8, decoder_mlp_dim=2048,
                 iou_head_hidden_dim=256)
-    return Sam(SamConfig(**{**base, **kw}))
+    return SamConfig(**{**base, **kw})
+
+
+def sam_vit_base(**kw) -> Sam:
+    """SAM with the ViT-B image encoder (random weights; `Sam.from_hf("facebook/sam-vit-base")` online)."""
+    return Sam(sam_vit_base_config(**kw))

@@ -176,6 +176,14 @@ def _check_parity(ours: Sam, hf, tag: str) -> None:
             report_diff(f"SAM IoU scores, {name} ({tag})", torch.cat(ious, 1), torch.cat(ref_ious, 1))
 
 
+def test_vit_base_factory_matches_the_transformers_default_config():
+    from course_lib.sam import config_from_hf, sam_vit_base_config
+
+    assert sam_vit_base_config() == config_from_hf(transformers.SamConfig())  # transformers' default: ViT-B
+    with pytest.raises(ValueError, match="inconsistent"):  # FACTS.md: the decoder width must be 2 x num_pos_feats
+        config_from_hf(transformers.SamConfig(vision_config=dict(output_channels=16)))
+
+
 @pytest.mark.slow
 def test_parity_with_transformers_in_memory():
     hf = hf_sam()
