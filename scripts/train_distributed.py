@@ -34,7 +34,8 @@ import torch
 import torch.distributed as dist
 
 from course_lib import convnext, data, swin, vit
-from course_lib.train import distributed_info, evaluate, fit, full_state_dict
+from course_lib.distributed import distributed_info, full_state_dict
+from course_lib.train import evaluate, fit
 from course_lib.utils import get_device, seed_everything
 
 MODELS = {

@@ -33,6 +33,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--n", type=int, default=6000, help="training images")
+    p.add_argument("--n-test", type=int, default=1000, help="test images (the accuracy stored in the checkpoint)")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--max-objects", type=int, default=1, help="1: one shape per image, as in lecture 01")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -40,14 +41,15 @@ def main() -> None:
 
     seed_everything(0)
     train = data.to_tensors(data.scenes(args.n, "train", max_objects=args.max_objects))
-    test = data.to_tensors(data.scenes(1000, "test", max_objects=args.max_objects))
+    test = data.to_tensors(data.scenes(args.n_test, "test", max_objects=args.max_objects))
     model = ViT(CONFIG)
     start = time.time()
     hist = fit(model, train, epochs=args.epochs, batch_size=64, lr=args.lr, weight_decay=0.05, warmup=0.05,
                augment=hflip, eval_data=test, log_every=50)
     acc = evaluate(model, test)
     print(f"test accuracy {acc:.3f} after {args.epochs} epochs ({time.time() - start:.0f} s)")
-    save_checkpoint(model, args.out, test_accuracy=f"{acc:.4f}", epochs=args.epochs, train_images=args.n, max_objects=args.max_objects)
+    save_checkpoint(model, args.out, test_accuracy=f"{acc:.4f}", test_images=args.n_test, epochs=args.epochs, train_images=args.n,
+                    max_objects=args.max_objects)
     print(f"saved {args.out} ({args.out.stat().st_size / 1e6:.2f} MB)")
 
 

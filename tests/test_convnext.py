@@ -3,6 +3,7 @@ with transformers ConvNextModel / ConvNextV2Model on random weights."""
 
 import pytest
 import torch
+import transformers
 import torch.nn.functional as F
 from conftest import randomize_, report_diff
 
@@ -30,7 +31,6 @@ from course_lib.convnext import (
 )
 from course_lib.layers import param_groups
 
-transformers = pytest.importorskip("transformers")
 
 TINY = dict(depths=(1, 2, 1), dims=(8, 16, 24), num_classes=0)
 
@@ -210,6 +210,7 @@ def _hf(v2: bool, head: bool = False):
     return randomize_(cls(cfg)).eval()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
 @pytest.mark.parametrize("shape", [(2, 3, 32, 32), (1, 3, 24, 40), (1, 3, 64, 48)])
 def test_parity_in_memory(v2, shape):
@@ -224,6 +225,7 @@ def test_parity_in_memory(v2, shape):
         report_diff(f"{name} {shape} pooler_output", ours(x), out.pooler_output)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
 def test_parity_classifier_from_disk(v2, tmp_path):
     hf = _hf(v2, head=True)
@@ -235,6 +237,7 @@ def test_parity_classifier_from_disk(v2, tmp_path):
         report_diff(f"{type(hf).__name__} from disk logits", ours(x), hf(x).logits)
 
 
+@pytest.mark.slow
 def test_from_hf_rejects_other_families():
     vit = transformers.ViTModel(transformers.ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32))
     with pytest.raises(ValueError, match="convnext or convnextv2"):

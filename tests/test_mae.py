@@ -3,6 +3,7 @@ ViTMAEForPreTraining (same noise -> same mask, logits and loss) on random weight
 
 import pytest
 import torch
+import transformers
 from conftest import randomize_, report_diff
 
 from course_lib.layers import use_explicit_attention
@@ -24,7 +25,6 @@ from course_lib.mae import (
 )
 from course_lib.vit import ViT, ViTConfig, patchify
 
-transformers = pytest.importorskip("transformers")
 
 
 def report_scalar(name: str, ours: torch.Tensor, ref: torch.Tensor, tol: float = 1e-5) -> None:
@@ -217,6 +217,7 @@ def hf_mae(image_size=32, patch_size=4, channels=3, norm_pix=False, mask_ratio=0
     "B,image_size,patch_size,channels,norm_pix,mask_ratio",
     [(2, 32, 4, 3, False, 0.75), (3, 32, 4, 3, True, 0.75), (1, 24, 8, 3, True, 0.5), (2, 16, 2, 1, False, 0.9), (2, 32, 8, 3, True, 0.25)],
 )
+@pytest.mark.slow
 def test_mae_parity_in_memory(B, image_size, patch_size, channels, norm_pix, mask_ratio):
     hf = hf_mae(image_size, patch_size, channels, norm_pix, mask_ratio)
     ours = MAE.from_hf(hf).eval()
@@ -236,6 +237,7 @@ def test_mae_parity_in_memory(B, image_size, patch_size, channels, norm_pix, mas
         report_diff(f"{name} explicit attention", use_explicit_attention(ours)(x, noise)[1], ref.logits)
 
 
+@pytest.mark.slow
 def test_mae_parity_from_disk_names(tmp_path):
     hf = hf_mae(norm_pix=True)
     hf.save_pretrained(tmp_path)
@@ -252,6 +254,7 @@ def test_mae_parity_from_disk_names(tmp_path):
     report_scalar("ViTMAE from disk loss", loss, ref.loss)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", [(1, 3, 48, 48), (2, 3, 24, 40)])
 def test_mae_encoder_parity_at_other_resolutions(shape):
     hf = hf_mae()
@@ -265,6 +268,7 @@ def test_mae_encoder_parity_at_other_resolutions(shape):
     report_diff(f"ViTMAE encoder {shape}", latent, ref.last_hidden_state)
 
 
+@pytest.mark.slow
 def test_sincos_tables_match_transformers_builder():
     from transformers.models.vit_mae.modeling_vit_mae import build_2d_sinusoidal_position_embedding
 
@@ -275,6 +279,7 @@ def test_sincos_tables_match_transformers_builder():
         report_diff(f"{name} sin-cos table", table[0], ref, 1e-6)
 
 
+@pytest.mark.slow
 def test_mae_encoder_loads_into_vit_for_probing():
     """A ViTMAEModel (encoder only) loads as a course_lib ViT; with mask ratio 0 and sorted noise
     transformers keeps every patch in order, so both see the full image."""
@@ -288,6 +293,7 @@ def test_mae_encoder_loads_into_vit_for_probing():
         report_diff("ViTMAEModel as ViT", ours.forward_features(x), ref)
 
 
+@pytest.mark.slow
 def test_mae_checkpoint_script_runs(tmp_path):
     """The shipped checkpoint is made by scripts/train_mae_scenes.py: a one-step run must work and
     write a checkpoint with the shipped model's config."""
