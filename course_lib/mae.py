@@ -15,11 +15,9 @@ ablation (block, grid; Table 1f) and VideoMAE's tube masking (Tong et al., 2022)
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .hf import cfg, load_hf_checkpoint, rename_keys
@@ -94,71 +92,6 @@ def unshuffle(x_kept: torch.Tensor, mask_token: torch.Tensor, ids_restore: torch
     L = ids_restore.shape[1]
     x = torch.cat([x_kept, mask_token.expand(B, L - K, D)], dim=1)  # (B, L, D), shuffled order
     return torch.gather(x, 1, ids_restore[..., None].expand(-1, -1, D))
-
-
-def block_mask(
-    grid: tuple[int, int], num_masked: int, min_block: int = 4, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """BEiT's block-wise masking (Bao et al., 2022, Algorithm 1): hide random rectangles with
-    aspect ratio in [0.3, 1/0.3] until about `num_masked` patches are hidden. -> (gh, gw) bool."""
-    gh, gw = grid
-    mask = torch.zeros(gh, gw, dtype=torch.bool)
-    for _ in range(100 * gh * gw):  # bounded: every accepted block adds at least one patch
-        left = num_masked - int(mask.sum())
-        if left <= 0:
-            break
-        r = torch.rand(3, generator=generator).tolist()
-        area = min_block + r[0] * max(0, left - min_block) if left >= min_block else left
-        aspect = math.exp(math.log(0.3) + r[1] * (math.log(1 / 0.3) - math.log(0.3)))
-        h = max(1, min(gh, round(math.sqrt(area * aspect))))
-        w = max(1, min(gw, round(math.sqrt(area / aspect))))
-        top = int(r[2] * (gh - h + 1))
-        leftmost = int(torch.randint(0, gw - w + 1, (1,), generator=generator))
-        new = (~mask[top : top + h, leftmost : leftmost + w]).sum()
-        if 0 < new <= left:
-            mask[top : top + h, leftmost : leftmost + w] = True
-    return mask
-
-
-def grid_keep(grid: tuple[int, int], mask_ratio: float) -> torch.Tensor:
-    """MAE's grid sampling (Figure 6): keep one patch in every s x s cell, with s chosen so that
-    1 - 1/s^2 = mask_ratio (0.75 -> s = 2). -> (gh, gw) bool, True = visible."""
-    s = round(1 / math.sqrt(1 - mask_ratio))
-    if s < 2 or abs((1 - 1 / s**2) - mask_ratio) > 1e-6:
-        raise ValueError(
-            f"grid masking keeps one patch per s x s cell, so its mask ratio is 1 - 1/s^2 "
-            f"(0.75, 0.889, 0.9375, ...), got {mask_ratio}"
-        )
-    gh, gw = grid
-    if gh % s or gw % s:
-        raise ValueError(f"grid masking with {s}x{s} cells needs a patch grid divisible by {s}, got {gh}x{gw}")
-    keep = torch.zeros(gh, gw, dtype=torch.bool)
-    keep[::s, ::s] = True
-    return keep
-
-
-def masking_noise(
-    strategy: str, batch: int, grid: tuple[int, int], mask_ratio: float, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """Noise (B, gh*gw) for `random_masking` that realises one of MAE's mask samplings (Table 1f):
-    "random" (uniform), "block" (BEiT rectangles) or "grid" (a regular lattice).
-
-    Structured strategies give the patches to hide noise >= 1 and the others noise < 1, so
-    `random_masking` hides exactly them (and keeps its fixed K, padding at random if needed).
-    """
-    gh, gw = grid
-    L = gh * gw
-    keep = num_kept(L, mask_ratio)
-    jitter = torch.rand(batch, L, generator=generator)
-    if strategy == "random":
-        return jitter
-    if strategy == "block":
-        hidden = torch.stack([block_mask(grid, L - keep, generator=generator).flatten() for _ in range(batch)])
-    elif strategy == "grid":
-        hidden = ~grid_keep(grid, mask_ratio).flatten().expand(batch, L)
-    else:
-        raise ValueError(f"unknown masking strategy {strategy!r}: use 'random', 'block' or 'grid'")
-    return hidden.float() + 0.5 * jitter
 
 
 def tube_masking(
@@ -447,9 +380,14 @@ def mae_vit_huge(**kw) -> MAE:
     return mae_vit_base(**{**dict(patch_size=14, dim=1280, depth=32, num_heads=16), **kw})
 
 
-def mae_tiny(**kw) -> MAE:
-    """A course-sized MAE for 32x32 images that trains on a CPU in a minute."""
-    return MAE(MAEConfig(**{**dict(dim=128, depth=4, num_heads=4, decoder_dim=64, decoder_depth=1, decoder_num_heads=4), **kw}))
+def mae_scenes(**kw) -> MAE:
+    """The course's MAE for 32x32 scenes, the model of the shipped checkpoint mae_scenes.safetensors
+    (scripts/train_mae_scenes.py): patch 4, width 64, 4 + 2 blocks. Unnormalized pixel targets
+    (the paper's default in Table 1d), so that reconstructions show without borrowing each true
+    patch's mean and variance."""
+    base = dict(image_size=32, patch_size=4, dim=64, depth=4, num_heads=4, mlp_ratio=2.0, decoder_dim=64,
+                decoder_depth=2, decoder_num_heads=4, decoder_mlp_ratio=2.0, mask_ratio=0.75, norm_pix_loss=False)
+    return MAE(MAEConfig(**{**base, **kw}))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -490,55 +428,3 @@ class SimMIM(nn.Module):
         x = torch.cat([cls.expand(B, -1, -1), x + patch_pos], dim=1)
         pred = self.head(_transformer(enc, x)[:, 1:])  # (B, L, p*p*C)
         return simmim_loss(pred, patchify(images, p), mask), pred, mask
-
-
-def encoder_tokens(num_patches: int, mask_ratio: float, method: str) -> int:
-    """Tokens one image sends through the encoder (CLS included): MAE 1 + K, SimMIM 1 + L."""
-    if method == "mae":
-        return 1 + num_kept(num_patches, mask_ratio)
-    if method == "simmim":
-        return 1 + num_patches
-    raise ValueError(f"method must be 'mae' or 'simmim', got {method!r}")
-
-
-# ----------------------------------------------------------------------------------------------
-# Evaluating the pretrained encoder: a linear probe
-# ----------------------------------------------------------------------------------------------
-@torch.no_grad()
-def probe_features(encoder: ViT, images: torch.Tensor, batch_size: int = 250) -> torch.Tensor:
-    """Frozen features of full (unmasked) images: [CLS, mean of patch tokens] -> (B, 2D)."""
-    was_training = encoder.training
-    encoder.eval()
-    out = []
-    for i in range(0, images.shape[0], batch_size):
-        tokens = encoder.forward_features(images[i : i + batch_size])  # (b, 1 + L, D)
-        out.append(torch.cat([tokens[:, 0], tokens[:, 1:].mean(dim=1)], dim=1))
-    encoder.train(was_training)
-    return torch.cat(out)
-
-
-def linear_probe(
-    train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor], weight_decay: float = 1e-3, steps: int = 100
-) -> float:
-    """Test accuracy of a softmax regression on frozen, standardized features (MAE section 4).
-
-    train/test: (features (N, F), labels (N,)). Full-batch L-BFGS from zero weights: the same
-    numbers on every run, and a second or two on a CPU.
-    """
-    (f_train, y_train), (f_test, y_test) = train, test
-    mean, std = f_train.mean(0), f_train.std(0) + 1e-6  # the paper puts a BatchNorm before the probe
-    a, b = (f_train - mean) / std, (f_test - mean) / std
-    num_classes = int(max(y_train.max(), y_test.max())) + 1
-    weight = torch.zeros(a.shape[1], num_classes, requires_grad=True)
-    bias = torch.zeros(num_classes, requires_grad=True)
-    opt = torch.optim.LBFGS([weight, bias], lr=1, max_iter=steps, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(a @ weight + bias, y_train) + weight_decay * weight.pow(2).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    with torch.no_grad():
-        return ((b @ weight + bias).argmax(-1) == y_test).float().mean().item()

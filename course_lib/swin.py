@@ -148,24 +148,6 @@ def log_spaced_coords(window_size: int, pretrained_window_size: int = 0) -> torc
     return coords.reshape(-1, 2)
 
 
-def window_connectivity(H: int, W: int, window_size: int, shift: int) -> torch.Tensor:
-    """Which tokens exchange information in one (shifted-)window attention layer.
-
-    Returns a boolean (H*W, H*W), tokens numbered row-major on the original (unshifted) map:
-    entry [i, j] is True when token i attends to token j (same window, same mask region).
-    H and W must be multiples of the window.
-    """
-    M = window_size
-    ids = cyclic_shift(torch.arange(H * W).reshape(1, H, W, 1), shift)  # where each token lands
-    members = window_partition(ids, M).reshape(-1, M * M)  # (nW, M*M) original token ids
-    mask = shifted_window_mask(H, W, M, shift)  # (nW, M*M, M*M)
-    rows = members[:, :, None].expand_as(mask)
-    cols = members[:, None, :].expand_as(mask)
-    A = torch.zeros(H * W, H * W, dtype=torch.bool)
-    A[rows[mask], cols[mask]] = True
-    return A
-
-
 def window_and_shift(H: int, W: int, window_size: int, shift: int) -> tuple[int, int]:
     """The window and shift a block really uses on an H x W map: a map not larger than the window
     is one window and needs no shift (Swin's rule, also its official code)."""
@@ -183,14 +165,6 @@ def merge_patches(x: torch.Tensor) -> torch.Tensor:
     H, W = x.shape[1:3]
     x = F.pad(x, (0, 0, 0, W % 2, 0, H % 2))
     return torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
-
-
-def attention_flops(H: int, W: int, C: int, window_size: int | None = None) -> int:
-    """Multiply-adds of one attention layer on an H x W map of width C (Swin eq. 1-2):
-    global 4hwC^2 + 2(hw)^2 C; windowed 4hwC^2 + 2 M^2 hw C."""
-    hw = H * W
-    mixing = 2 * hw * hw * C if window_size is None else 2 * window_size**2 * hw * C
-    return 4 * hw * C * C + mixing
 
 
 # ----------------------------------------------------------------------------------------------

@@ -45,7 +45,22 @@ def freeze(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def count_params(model: torch.nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters (only those that train, with trainable_only=True)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def count_macs(model: torch.nn.Module, input_shape: tuple[int, ...]) -> int:
+    """Multiply-accumulates of one forward pass (what papers report as "FLOPs"), counted by
+    torch's FLOP counter on a zero input; norms and activations are not counted."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    param = next(model.parameters())
+    was_training = model.training
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model.eval()(torch.zeros(input_shape, dtype=param.dtype, device=param.device))
+    model.train(was_training)
+    return counter.get_total_flops() // 2
 
 
 # ----------------------------------------------------------------------------------------------

@@ -10,26 +10,23 @@ from conftest import randomize_, report_diff
 from course_lib.convnext import (
     FCMAE,
     GRN,
-    ROADMAP,
     ConvNeXt,
     ConvNeXtBlock,
     ConvNeXtConfig,
     LayerNorm2d,
-    RoadmapBlock,
     convnext_tiny,
     convnextv2_atto,
-    count_macs,
     fcmae_loss,
     fcmae_mask,
     grn,
     grn_aggregate,
-    grn_disabled,
     grn_normalize,
     layer_norm_2d,
-    mask_leakage,
     upsample_mask,
 )
 from course_lib.layers import param_groups
+from course_lib.recipes.convnext import ROADMAP, RoadmapBlock, grn_disabled, mask_leakage
+from course_lib.utils import count_macs
 
 
 TINY = dict(depths=(1, 2, 1), dims=(8, 16, 24), num_classes=0)

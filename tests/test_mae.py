@@ -11,11 +11,7 @@ from course_lib.mae import (
     MAE,
     MAEConfig,
     SimMIM,
-    block_mask,
-    encoder_tokens,
-    grid_keep,
     mae_loss,
-    masking_noise,
     normalized_pixel_target,
     paste_reconstruction,
     random_masking,
@@ -23,6 +19,7 @@ from course_lib.mae import (
     tube_masking,
     unshuffle,
 )
+from course_lib.recipes.mae import block_mask, encoder_tokens, grid_keep, linear_probe, masking_noise, probe_features
 from course_lib.vit import ViT, ViTConfig, patchify
 
 
@@ -316,8 +313,6 @@ def test_mae_checkpoint_script_runs(tmp_path):
 
 
 def test_linear_probe_and_probe_features():
-    from course_lib.mae import linear_probe, probe_features
-
     g = torch.Generator().manual_seed(0)
     y = torch.arange(200) % 4
     f = torch.randn(200, 8, generator=g) * 0.1 + torch.nn.functional.one_hot(y, 8).float()  # separable
@@ -327,3 +322,27 @@ def test_linear_probe_and_probe_features():
     enc = MAE(MAEConfig(**SMALL)).encoder.train()
     feats = probe_features(enc, torch.rand(3, 3, 32, 32), batch_size=2)
     assert feats.shape == (3, 64) and enc.training  # [CLS, mean] of width 32; mode restored
+
+
+def test_mae_scenes_is_the_shipped_model():
+    from course_lib.mae import mae_scenes
+    from course_lib.utils import load_checkpoint
+
+    shipped, meta = load_checkpoint("mae_scenes.safetensors", MAE, MAEConfig)
+    assert mae_scenes().config == shipped.config
+    assert int(meta["epochs"]) > 1 and int(meta["train_images"]) >= 1000
+
+
+def test_reconstruction_loss_is_the_models_loss_for_fit():
+    from course_lib.recipes.mae import reconstruction_loss
+    from course_lib.train import fit
+
+    model, x = MAE(MAEConfig(**SMALL)), torch.rand(16, 3, 32, 32)
+    torch.manual_seed(1)
+    loss, count = reconstruction_loss(model, (x,))
+    torch.manual_seed(1)
+    assert count is None and torch.equal(loss, model(x)[0])  # the same random mask, the same loss
+    hist = fit(model, (x,), epochs=3, batch_size=8, lr=3e-3, loss_fn=reconstruction_loss, progress=False, log_every=1)
+    assert hist.train_acc == [] and len(hist.loss) == 6
+    with pytest.raises(TypeError, match="masked autoencoder"):
+        reconstruction_loss(ViT(ViTConfig(dim=16, depth=1, num_heads=2)), (x,))

@@ -7,11 +7,11 @@ import transformers
 from conftest import randomize_, report_diff
 
 from course_lib.layers import param_groups, use_explicit_attention
+from course_lib.recipes.swin import attention_flops, window_connectivity
 from course_lib.swin import (
     Swin,
     SwinConfig,
     SwinV2,
-    attention_flops,
     cyclic_shift,
     log_spaced_coords,
     merge_patches,
@@ -22,7 +22,6 @@ from course_lib.swin import (
     shifted_window_mask,
     swin_micro,
     window_and_shift,
-    window_connectivity,
     window_partition,
     window_reverse,
 )
