@@ -360,9 +360,11 @@ _SIZES = {
 
 
 def _make(size: str, v2: bool, **kw) -> ConvNeXt:
+    """The paper's model: 224 px ImageNet classifiers with the 1,000-class head (num_classes=0 for
+    a backbone)."""
     depths, dims = _SIZES[size]
     version = dict(layer_scale=None, grn=True) if v2 else dict(layer_scale=1e-6, grn=False)
-    return ConvNeXt(ConvNeXtConfig(**{**dict(depths=depths, dims=dims), **version, **kw}))
+    return ConvNeXt(ConvNeXtConfig(**{**dict(depths=depths, dims=dims, num_classes=1000), **version, **kw}))
 
 
 def convnext_tiny(**kw) -> ConvNeXt:

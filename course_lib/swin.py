@@ -363,7 +363,7 @@ class Swin(nn.Module):
         self.config = c = config
         self.patch_embed = PatchEmbed(c.patch_size, c.in_chans, c.embed_dim)
         self.patch_norm = nn.LayerNorm(c.embed_dim, eps=c.eps)
-        dpr = torch.linspace(0, c.drop_path, sum(c.depths)).tolist()  # stochastic depth grows with depth
+        dpr = torch.linspace(0, c.drop_path, sum(c.depths), device="cpu").tolist()  # stochastic depth grows with depth
         self.stages = nn.ModuleList()
         for i, (depth, heads) in enumerate(zip(c.depths, c.num_heads)):
             start = sum(c.depths[:i])

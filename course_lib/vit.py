@@ -158,7 +158,7 @@ class ViT(nn.Module):
         n_pos = c.num_prefix_tokens + c.grid[0] * c.grid[1]
         self.pos_embed = nn.Parameter(torch.zeros(1, n_pos, c.dim)) if c.pos_embed == "learned" else None
         self.pos_drop = nn.Dropout(c.dropout)
-        dpr = torch.linspace(0, c.drop_path, c.depth).tolist()  # stochastic depth grows with depth
+        dpr = torch.linspace(0, c.drop_path, c.depth, device="cpu").tolist()  # stochastic depth grows with depth
         self.blocks = nn.ModuleList(
             Block(c.dim, c.num_heads, int(c.dim * c.mlp_ratio), c.qkv_bias, c.eps, c.layer_scale, dpr[i], c.dropout)
             for i in range(c.depth)
@@ -339,18 +339,46 @@ def convert_hf_state_dict(state: dict[str, torch.Tensor], config: ViTConfig) -> 
 
 
 # ----------------------------------------------------------------------------------------------
-# Sizes (ViT paper Table 1, DeiT Table 1) and DeiT's loss
+# Sizes: the papers' models (ViT Table 1, DeiT Table 1) at 224 px with 16 x 16 patches and the
+# 1,000 ImageNet classes, as everywhere else in the field; and the course's model for its scenes
 # ----------------------------------------------------------------------------------------------
+_IMAGENET = dict(image_size=224, patch_size=16, num_classes=1000, eps=1e-6)
+
+
+def _vit(dim: int, depth: int, num_heads: int, **kw) -> ViT:
+    return ViT(ViTConfig(**{**_IMAGENET, "dim": dim, "depth": depth, "num_heads": num_heads, **kw}))
+
+
 def vit_tiny(**kw) -> ViT:
-    return ViT(ViTConfig(**{**dict(dim=192, depth=12, num_heads=3), **kw}))
+    """ViT-Ti/16 (DeiT-Ti): width 192, 12 blocks, 3 heads; 5.7M parameters."""
+    return _vit(192, 12, 3, **kw)
 
 
 def vit_small(**kw) -> ViT:
-    return ViT(ViTConfig(**{**dict(dim=384, depth=12, num_heads=6), **kw}))
+    """ViT-S/16 (DeiT-S): width 384, 12 blocks, 6 heads; 22.1M parameters."""
+    return _vit(384, 12, 6, **kw)
 
 
 def vit_base(**kw) -> ViT:
-    return ViT(ViTConfig(**{**dict(dim=768, depth=12, num_heads=12), **kw}))
+    """ViT-B/16: width 768, 12 blocks, 12 heads; 86.6M parameters (ViT Table 1: 86M)."""
+    return _vit(768, 12, 12, **kw)
+
+
+def vit_large(**kw) -> ViT:
+    """ViT-L/16: width 1024, 24 blocks, 16 heads; 304M parameters (ViT Table 1: 307M)."""
+    return _vit(1024, 24, 16, **kw)
+
+
+def vit_huge(**kw) -> ViT:
+    """ViT-H/14: width 1280, 32 blocks, 16 heads, 14 x 14 patches; 632M parameters."""
+    return _vit(1280, 32, 16, **{"patch_size": 14, **kw})
+
+
+def vit_scenes(**kw) -> ViT:
+    """The course's ViT for its 32x32 scenes (5 shape classes), the model of the shipped checkpoint
+    vit_scenes.safetensors (scripts/train_vit_scenes.py): 4 x 4 patches, width 64, 4 blocks."""
+    base = dict(image_size=32, patch_size=4, num_classes=5, dim=64, depth=4, num_heads=4, mlp_ratio=2.0)
+    return ViT(ViTConfig(**{**base, **kw}))
 
 
 def deit_hard_distillation_loss(

@@ -17,10 +17,9 @@ import torch
 from course_lib import data
 from course_lib.train import evaluate, fit
 from course_lib.utils import save_checkpoint, seed_everything
-from course_lib.vit import ViT, ViTConfig
+from course_lib.vit import vit_scenes
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "course_lib" / "checkpoints" / "vit_scenes.safetensors"
-CONFIG = ViTConfig(image_size=32, patch_size=4, num_classes=len(data.SHAPES), dim=64, depth=4, num_heads=4, mlp_ratio=2.0)
 
 
 def hflip(images: torch.Tensor) -> torch.Tensor:
@@ -42,9 +41,9 @@ def main() -> None:
     seed_everything(0)
     train = data.to_tensors(data.scenes(args.n, "train", max_objects=args.max_objects))
     test = data.to_tensors(data.scenes(args.n_test, "test", max_objects=args.max_objects))
-    model = ViT(CONFIG)
+    model = vit_scenes(num_classes=len(data.SHAPES))  # the config is in course_lib.vit.vit_scenes
     start = time.time()
-    hist = fit(model, train, epochs=args.epochs, batch_size=64, lr=args.lr, weight_decay=0.05, warmup=0.05,
+    fit(model, train, epochs=args.epochs, batch_size=64, lr=args.lr, weight_decay=0.05, warmup=0.05,
                augment=hflip, eval_data=test, log_every=50)
     acc = evaluate(model, test)
     print(f"test accuracy {acc:.3f} after {args.epochs} epochs ({time.time() - start:.0f} s)")

@@ -177,10 +177,20 @@ def test_roadmap_ends_at_the_convnext_block():
 
 def test_convnext_tiny_size_matches_the_paper():
     with torch.device("meta"):  # shapes only: no memory, no time
-        model = convnext_tiny(num_classes=1000)
+        model = convnext_tiny()
     params = sum(p.numel() for p in model.parameters())
-    assert 28.0e6 < params < 28.7e6  # ConvNeXt-T: 28M parameters, 4.5G FLOPs (Liu et al., 2022, Table 1)
-    assert 4.4e9 < count_macs(model, (1, 3, 224, 224)) < 4.5e9
+    assert model.config.num_classes == 1000  # the paper's model, with its ImageNet head
+    assert params / 1e6 == pytest.approx(28.6, abs=0.05)  # ConvNeXt-T: 28.6M (timm), "28M" in Table 1
+    assert 4.4e9 < count_macs(model, (1, 3, 224, 224)) < 4.5e9  # 4.5G FLOPs (Liu et al., 2022, Table 1)
+
+
+def test_convnextv2_tiny_size_matches_the_paper():
+    from course_lib.convnext import convnextv2_tiny
+
+    with torch.device("meta"):
+        model = convnextv2_tiny()
+    assert model.config.num_classes == 1000
+    assert sum(p.numel() for p in model.parameters()) / 1e6 == pytest.approx(28.6, abs=0.05)  # V2 Table 5: 28.6M
 
 
 def test_weight_decay_skips_grn_and_layer_scale():

@@ -346,3 +346,16 @@ def test_reconstruction_loss_is_the_models_loss_for_fit():
     assert hist.train_acc == [] and len(hist.loss) == 6
     with pytest.raises(TypeError, match="masked autoencoder"):
         reconstruction_loss(ViT(ViTConfig(dim=16, depth=1, num_heads=2)), (x,))
+
+
+@pytest.mark.parametrize("factory,encoder", [("mae_vit_base", "vit_base"), ("mae_vit_large", "vit_large"), ("mae_vit_huge", "vit_huge")])
+def test_mae_paper_sizes_have_the_papers_encoders(factory, encoder):
+    """MAE's ViT-B/L/H encoders are the ViT paper's (Table 1 of He et al.), with the default decoder:
+    8 blocks of width 512 (Table 1a-b)."""
+    from course_lib import mae, vit
+
+    with torch.device("meta"):
+        model, reference = getattr(mae, factory)(), getattr(vit, encoder)(num_classes=0)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(model.encoder) == count(reference)
+    assert (model.config.decoder_dim, model.config.decoder_depth) == (512, 8)

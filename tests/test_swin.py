@@ -250,3 +250,15 @@ def test_swinv2_loader_rejects_v1_checkpoint():
     hf = transformers.SwinModel(transformers.SwinConfig(image_size=32, **SMALL))
     with pytest.raises(ValueError, match="Swin V1 checkpoint"):
         SwinV2.from_hf(hf)
+
+
+@pytest.mark.parametrize("factory,millions", [("swin_tiny", 28.3), ("swin_small", 49.6), ("swin_base", 87.8), ("swinv2_tiny", 28.3)])
+def test_paper_sizes_match_the_papers_tables(factory, millions):
+    """Swin Table 1: Swin-T 28M, Swin-S 50M, Swin-B 88M parameters (224 px, 1,000 classes);
+    Swin V2-T 28M (256 px, window 8)."""
+    from course_lib import swin
+
+    with torch.device("meta"):
+        model = getattr(swin, factory)()
+    assert model.config.num_classes == 1000
+    assert sum(p.numel() for p in model.parameters()) / 1e6 == pytest.approx(millions, abs=0.05)

@@ -190,3 +190,25 @@ def test_dinov2_with_registers_backbone_parity(shape, tmp_path):
 def test_from_hf_offline_hub_id_gives_clear_error():
     with pytest.raises(OSError, match="Offline, pass a transformers model instance"):
         ViT.from_hf("google/vit-base-patch16-224")
+
+
+@pytest.mark.parametrize("factory,params", [("vit_tiny", 5_717_416), ("vit_small", 22_050_664), ("vit_base", 86_567_656),
+                                            ("vit_large", 304_326_632), ("vit_huge", 632_045_800)])
+def test_paper_sizes_match_the_papers_tables(factory, params):
+    """ViT-B/16 86.6M and ViT-L/16 304M parameters at 224 px with the 1,000-class head (ViT Table 1
+    rounds to 86M and 307M; DeiT Table 1: Ti 5.7M, S 22M). Built on the meta device: no memory."""
+    from course_lib import vit
+
+    with torch.device("meta"):
+        model = getattr(vit, factory)()
+    c = model.config
+    assert (c.image_size, c.num_classes) == (224, 1000) and c.patch_size == (14 if factory == "vit_huge" else 16)
+    assert sum(p.numel() for p in model.parameters()) == params
+
+
+def test_vit_scenes_is_the_shipped_model():
+    from course_lib.utils import load_checkpoint
+    from course_lib.vit import vit_scenes
+
+    shipped, _ = load_checkpoint("vit_scenes.safetensors", ViT, ViTConfig)
+    assert vit_scenes().config == shipped.config
