@@ -22,7 +22,7 @@ from torch import nn
 
 from .hf import cfg, load_hf_checkpoint, rename_keys
 from .layers import DropPath, LayerScale, load_state_dict_checked
-from .mae import mae_loss  # FCMAE's loss is MAE's masked loss on the cells
+from .mae import check_mask_ratio, mae_loss  # FCMAE masks and scores like MAE, on the cells
 from .vit import patchify
 
 
@@ -195,6 +195,14 @@ class ConvNeXtConfig:
             raise ValueError(
                 f"depths {self.depths} and dims {self.dims} must have one entry per stage (same length)"
             )
+        for name, values in (("depths", self.depths), ("dims", self.dims)):
+            if not all(isinstance(v, int) and v >= 1 for v in values):
+                raise ValueError(f"{name} must be positive integers, one per stage, got {values}")
+        for name in ("in_chans", "patch_size", "kernel_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if not isinstance(self.num_classes, int) or self.num_classes < 0:
+            raise ValueError(f"num_classes must be an integer >= 0 (0: no head), got {self.num_classes!r}")
         if self.kernel_size % 2 != 1:
             raise ValueError(f"kernel_size must be odd so that 'same' padding keeps the size, got {self.kernel_size}")
 
@@ -237,6 +245,8 @@ class ConvNeXt(nn.Module):
     def _check_images(self, images: torch.Tensor) -> None:
         c = self.config
         _check_layout(images, c.in_chans, "first", "ConvNeXt")
+        if not images.is_floating_point():
+            raise TypeError(f"images must be floating point, got {images.dtype}: convert uint8 pixels with images.float() / 255")
         if min(images.shape[2:]) < c.total_stride:
             raise ValueError(
                 f"image {tuple(images.shape[2:])} is smaller than the network's total stride {c.total_stride}: "
@@ -406,8 +416,7 @@ def fcmae_mask(
     Exactly int(gh*gw*(1 - mask_ratio)) cells per image stay visible (at least one): those with the
     smallest noise, as in MAE. FCMAE masks 60% of the 32x32 cells of a 224 image.
     """
-    if not 0.0 <= mask_ratio < 1.0:
-        raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+    check_mask_ratio(mask_ratio)
     gh, gw = grid
     n = gh * gw
     n_keep = max(1, int(n * (1 - mask_ratio)))
@@ -442,6 +451,9 @@ class FCMAE(nn.Module):
 
     def __init__(self, encoder: ConvNeXt, decoder_dim: int = 512, decoder_depth: int = 1, mask_ratio: float = 0.6, norm_pix: bool = True):
         super().__init__()
+        if not isinstance(encoder, ConvNeXt):
+            raise TypeError(f"FCMAE's encoder is a ConvNeXt, got {type(encoder).__name__}")
+        check_mask_ratio(mask_ratio)
         c = encoder.config
         self.encoder, self.mask_ratio, self.norm_pix = encoder, mask_ratio, norm_pix
         self.patch_size = c.total_stride

@@ -34,6 +34,11 @@ def attention(
     Returns (out (..., Lq, dv), weights (..., Lq, Lk) or None). The SDPA path is fused and does
     not materialise the weights, so it returns None for them; the explicit path returns them.
     """
+    if q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2]:
+        raise ValueError(
+            f"attention needs q (..., Lq, d), k (..., Lk, d), v (..., Lk, dv): got q {tuple(q.shape)}, "
+            f"k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
     if use_sdpa:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask), None
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # (..., Lq, Lk)
@@ -195,6 +200,8 @@ def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
 class DropPath(nn.Module):
     def __init__(self, p: float = 0.0):
         super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"the drop-path rate is a probability in [0, 1), got {p}")
         self.p = p
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -320,6 +327,8 @@ def param_groups(model: nn.Module, weight_decay: float, skip: Iterable[str] = ()
     A plain "decay every tensor with dim >= 2" rule would decay the CLS token (1, 1, D) and the
     position table (1, N, D); models list those in `no_weight_decay()`.
     """
+    if weight_decay < 0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
     skip = set(skip) | set(getattr(model, "no_weight_decay", lambda: set())())
     decay, no_decay = [], []
     for name, p in model.named_parameters():

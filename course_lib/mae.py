@@ -60,6 +60,8 @@ def random_masking(
       mask        (B, L) float, 0 = keep, 1 = remove, in the original token order;
       ids_restore (B, L) long: gathering [x_kept, mask tokens] with it restores the original order.
     """
+    if x.ndim != 3:
+        raise ValueError(f"random_masking expects tokens of shape (B, L, D), got {tuple(x.shape)}")
     B, L, D = x.shape
     if noise is None:
         noise = torch.rand(B, L, device=x.device)
@@ -90,6 +92,11 @@ def unshuffle(x_kept: torch.Tensor, mask_token: torch.Tensor, ids_restore: torch
     """
     B, K, D = x_kept.shape
     L = ids_restore.shape[1]
+    if mask_token.shape != (1, 1, D) or ids_restore.shape[0] != B or L < K:
+        raise ValueError(
+            f"unshuffle expects x_kept (B, K, D), mask_token (1, 1, D) and ids_restore (B, L) with L >= K, got "
+            f"{tuple(x_kept.shape)}, {tuple(mask_token.shape)}, {tuple(ids_restore.shape)}"
+        )
     x = torch.cat([x_kept, mask_token.expand(B, L - K, D)], dim=1)  # (B, L, D), shuffled order
     return torch.gather(x, 1, ids_restore[..., None].expand(-1, -1, D))
 
@@ -137,16 +144,29 @@ def mae_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, norm_
     do not count: the paper's footnote in section 3 reports ~0.5% lower accuracy when they do. With no hidden
     patch at all (mask ratio 0) the loss is 0 rather than 0/0.
     """
+    _check_loss_shapes(pred, target, mask)
     if norm_pix:
         target = normalized_pixel_target(target)
-    per_patch = ((pred - target) ** 2).mean(dim=-1)  # (B, L)
-    return (per_patch * mask).sum() / mask.sum().clamp(min=1)
+    return masked_mean(((pred - target) ** 2).mean(dim=-1), mask)  # per-patch MSE (B, L)
 
 
 def simmim_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """SimMIM's L1 loss on the hidden patches only (Xie et al., 2022, eq. 1). Shapes as `mae_loss`."""
-    per_patch = (pred - target).abs().mean(dim=-1)  # (B, L)
+    _check_loss_shapes(pred, target, mask)
+    return masked_mean((pred - target).abs().mean(dim=-1), mask)  # per-patch L1 (B, L)
+
+
+def masked_mean(per_patch: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of a per-patch loss (B, L) over the hidden patches (mask 1); 0 when none is hidden."""
     return (per_patch * mask).sum() / mask.sum().clamp(min=1)
+
+
+def _check_loss_shapes(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> None:
+    if pred.ndim != 3 or pred.shape != target.shape or mask.shape != pred.shape[:2]:
+        raise ValueError(
+            f"expected pred and target of one shape (B, L, P) and a mask (B, L), got pred {tuple(pred.shape)}, "
+            f"target {tuple(target.shape)}, mask {tuple(mask.shape)}: the target is patchify(images, patch_size)"
+        )
 
 
 def paste_reconstruction(
@@ -187,6 +207,11 @@ class MAEConfig:
     eps: float = 1e-6
 
     def __post_init__(self) -> None:
+        if self.decoder_dim % self.decoder_num_heads != 0:
+            raise ValueError(
+                f"decoder width {self.decoder_dim} is not divisible by {self.decoder_num_heads} decoder heads: "
+                "change decoder_dim or decoder_num_heads"
+            )
         check_mask_ratio(self.mask_ratio)
         num_kept(self.grid[0] * self.grid[1], self.mask_ratio)
         self.encoder_config()  # validates the image and patch sizes

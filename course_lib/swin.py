@@ -33,12 +33,18 @@ from .vit import PatchEmbed, _pair
 # ----------------------------------------------------------------------------------------------
 
 
+def _check_map(x: torch.Tensor, where: str) -> None:
+    if x.ndim != 4:
+        raise ValueError(f"{where} expects a channels-last feature map (B, H, W, C), got shape {tuple(x.shape)}")
+
+
 def window_partition(x: torch.Tensor, window_size: int) -> torch.Tensor:
     """Cut a feature map into non-overlapping windows, window-major.
 
     x: (B, H, W, C) with H and W multiples of window_size -> (B * nW, M, M, C), nW = (H/M) * (W/M).
     Windows are ordered image by image, then row by row over the window grid.
     """
+    _check_map(x, "window_partition")
     B, H, W, C = x.shape
     M = window_size
     if H % M or W % M:
@@ -63,6 +69,7 @@ def window_reverse(windows: torch.Tensor, window_size: int, H: int, W: int) -> t
 def pad_to_window(x: torch.Tensor, window_size: int) -> torch.Tensor:
     """Zero-pad (B, H, W, C) at the bottom and right to multiples of the window size, as Swin
     does for feature maps that do not tile (the padded tokens are not masked, like the original)."""
+    _check_map(x, "pad_to_window")
     H, W = x.shape[1:3]
     pad_h, pad_w = -H % window_size, -W % window_size
     return F.pad(x, (0, 0, 0, pad_w, 0, pad_h)) if pad_h or pad_w else x
@@ -71,6 +78,7 @@ def pad_to_window(x: torch.Tensor, window_size: int) -> torch.Tensor:
 def cyclic_shift(x: torch.Tensor, shift: int) -> torch.Tensor:
     """Roll a (B, H, W, C) map up and left by `shift` (Swin Figure 4): the top rows and left
     columns wrap around to the bottom and right, so shifted windows become regular ones."""
+    _check_map(x, "cyclic_shift")
     return torch.roll(x, shifts=(-shift, -shift), dims=(1, 2)) if shift else x
 
 
@@ -109,6 +117,8 @@ def relative_position_index(window_size: int) -> torch.Tensor:
     both by M-1 and read the table row-major: (dy + M-1) * (2M-1) + (dx + M-1). Returns (M*M, M*M).
     """
     M = window_size
+    if M < 1:
+        raise ValueError(f"window_size must be at least 1, got {M}")
     ys, xs = torch.meshgrid(torch.arange(M), torch.arange(M), indexing="ij")
     coords = torch.stack([ys.flatten(), xs.flatten()])  # (2, M*M)
     rel = coords[:, :, None] - coords[:, None, :]  # (2, M*M, M*M), query minus key
@@ -162,6 +172,7 @@ def merge_patches(x: torch.Tensor) -> torch.Tensor:
     Order (row, col) = (0,0), (1,0), (0,1), (1,1), the order of the official code: pretrained
     reduction weights depend on it. Odd sizes are zero-padded at the bottom/right.
     """
+    _check_map(x, "merge_patches")
     H, W = x.shape[1:3]
     x = F.pad(x, (0, 0, 0, W % 2, 0, H % 2))
     return torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
@@ -332,6 +343,11 @@ class SwinConfig:
 
     def __post_init__(self) -> None:
         self.depths, self.num_heads = tuple(self.depths), tuple(self.num_heads)
+        for name in ("patch_size", "in_chans", "embed_dim"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if not all(isinstance(v, int) and v >= 1 for v in self.depths + self.num_heads):
+            raise ValueError(f"depths {self.depths} and num_heads {self.num_heads} must be positive integers")
         if len(self.depths) != len(self.num_heads):
             raise ValueError(f"depths {self.depths} and num_heads {self.num_heads} must list one entry per stage")
         if self.version not in (1, 2):

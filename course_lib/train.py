@@ -44,6 +44,8 @@ def classification_loss(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, t
 
 def cosine_schedule(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
     """Learning-rate multiplier: linear warmup to 1, then cosine decay to 0."""
+    if total_steps < 1 or not 0 <= warmup_steps <= total_steps:
+        raise ValueError(f"need total_steps >= 1 and 0 <= warmup_steps <= total_steps, got {total_steps} and {warmup_steps}")
 
     def factor(step: int) -> float:
         if step < warmup_steps:
@@ -56,6 +58,8 @@ def cosine_schedule(total_steps: int, warmup_steps: int) -> Callable[[int], floa
 
 def batches(tensors: Batch, batch_size: int, shuffle: bool, generator: torch.Generator | None = None):
     """Minibatches of a tuple of equal-length tensors (no DataLoader worker overhead on CPU)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     n = tensors[0].shape[0]
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
     for i in range(0, n, batch_size):

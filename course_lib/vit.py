@@ -22,7 +22,14 @@ def _pair(x: int | tuple[int, int]) -> tuple[int, int]:
     return (x, x) if isinstance(x, int) else (int(x[0]), int(x[1]))
 
 
+def _check_positive(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
 def _check_divisible(height: int, width: int, patch: tuple[int, int]) -> None:
+    for p in patch:
+        _check_positive("patch_size", p)
     for name, size, p in (("height", height, patch[0]), ("width", width, patch[1])):
         if size % p != 0:
             fixed = (size // p + 1) * p
@@ -89,6 +96,10 @@ class PatchEmbed(nn.Module):
                 f"expected images of shape (B, {self.in_chans}, H, W), got {tuple(images.shape)}"
                 + (" (channels-last? use images.permute(0, 3, 1, 2))" if images.ndim == 4 and images.shape[-1] == self.in_chans else "")
             )
+        if not images.is_floating_point():
+            raise TypeError(
+                f"images must be floating point, got {images.dtype}: convert uint8 pixels with images.float() / 255"
+            )
         _check_divisible(images.shape[2], images.shape[3], self.patch_size)
         return self.proj(images).flatten(2).transpose(1, 2)  # (B, D, gh, gw) -> (B, N, D)
 
@@ -125,6 +136,21 @@ class ViTConfig:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        for name in ("in_chans", "dim", "depth", "num_heads"):
+            _check_positive(name, getattr(self, name))
+        for name in ("num_classes", "num_registers"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
+        if self.dim % self.num_heads != 0:
+            raise ValueError(
+                f"width {self.dim} is not divisible by {self.num_heads} heads: each head takes dim / num_heads "
+                f"channels; pick num_heads from {[h for h in range(1, 17) if self.dim % h == 0]} or change dim"
+            )
+        if not self.mlp_ratio > 0:
+            raise ValueError(f"mlp_ratio must be positive (the MLP's hidden width is mlp_ratio * dim), got {self.mlp_ratio}")
+        for name in ("drop_path", "dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} is a probability in [0, 1), got {getattr(self, name)}")
         if self.pos_embed not in ("learned", "sincos", "none"):
             raise ValueError(f"pos_embed must be 'learned', 'sincos' or 'none', got {self.pos_embed!r}")
         if self.pool not in ("cls", "mean"):
@@ -271,9 +297,17 @@ class ViT(nn.Module):
         return model
 
 
+_HF_MODEL_TYPES = ("vit", "deit", "dinov2", "dinov2_with_registers", "vit_mae", "vit_msn")
+
+
 def config_from_hf(hf_config, state: dict[str, torch.Tensor], **overrides) -> ViTConfig:
     """Translate a transformers ViT/DeiT/DINOv2 config into a ViTConfig."""
     model_type = cfg(hf_config, "model_type", "vit")
+    if model_type not in _HF_MODEL_TYPES:
+        raise ValueError(
+            f"expected a ViT-family checkpoint ({', '.join(_HF_MODEL_TYPES)}), got model_type {model_type!r}: "
+            "load it with its own family's from_hf (course_lib.swin, course_lib.convnext, ...)"
+        )
     dim = cfg(hf_config, "hidden_size")
     if model_type.startswith("dinov2"):
         mlp_ratio = cfg(hf_config, "mlp_ratio", 4)

@@ -118,7 +118,7 @@ def test_fcmae_mask_counts_and_upsampling():
     up = upsample_mask(mask, 4)
     assert up.shape == (3, 1, 16, 20)
     assert torch.equal(up[:, 0, ::4, ::4], mask) and torch.equal(up[:, 0, 3::4, 3::4], mask)
-    with pytest.raises(ValueError, match=r"mask_ratio must be in \[0, 1\)"):
+    with pytest.raises(ValueError, match=r"mask_ratio must lie in \[0, 1\)"):
         fcmae_mask(1, (2, 2), 1.0)
     with pytest.raises(ValueError, match=r"\(B, gh, gw\)"):
         upsample_mask(mask[None], 2)

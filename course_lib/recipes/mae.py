@@ -59,6 +59,8 @@ def block_mask(
     """BEiT's block-wise masking (Bao et al., 2022, Algorithm 1): hide random rectangles with
     aspect ratio in [0.3, 1/0.3] until about `num_masked` patches are hidden. -> (gh, gw) bool."""
     gh, gw = grid
+    if not 0 <= num_masked <= gh * gw:
+        raise ValueError(f"cannot hide {num_masked} patches of a {gh}x{gw} grid: use 0 to {gh * gw}")
     mask = torch.zeros(gh, gw, dtype=torch.bool)
     for _ in range(100 * gh * gw):  # bounded: every accepted block adds at least one patch
         left = num_masked - int(mask.sum())
@@ -145,6 +147,13 @@ def linear_probe(
     numbers on every run, and a second or two on a CPU.
     """
     (f_train, y_train), (f_test, y_test) = train, test
+    for name, (f, y) in (("train", train), ("test", test)):
+        if f.ndim != 2 or y.ndim != 1 or f.shape[0] != y.shape[0] or f.shape[0] == 0:
+            raise ValueError(
+                f"linear_probe's {name} must be (features (N, F), labels (N,)) with N > 0, got {tuple(f.shape)} and {tuple(y.shape)}"
+            )
+    if f_train.shape[1] != f_test.shape[1]:
+        raise ValueError(f"train and test features differ in width: {f_train.shape[1]} vs {f_test.shape[1]}")
     mean, std = f_train.mean(0), f_train.std(0) + 1e-6  # the paper puts a BatchNorm before the probe
     a, b = (f_train - mean) / std, (f_test - mean) / std
     num_classes = int(max(y_train.max(), y_test.max())) + 1
