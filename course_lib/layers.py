@@ -151,14 +151,21 @@ class Attention(nn.Module):
         else:
             if context is not None:
                 raise ValueError("this is a self-attention layer: build it with context_dim=... to attend to a context")
-            qkv = self.qkv(x).reshape(B, L, 3, self.num_heads, self.head_dim)
-            q, k, v = qkv.permute(2, 0, 3, 1, 4)  # 3 x (B, h, L, d)
+            q, k, v = self.qkv_heads(x)
         if rotary is not None:
             q, k = rotary(q, k)
         if cache is not None:
             k, v = cache.update(k, v)  # (B, h, past + L, d)
         out, weights = attention(q, k, v, mask, use_sdpa=self.use_sdpa and not return_weights)
         return self.proj(merge_heads(out)), weights  # (B, h, Lq, d) -> (B, Lq, h*d) -> (B, Lq, dim)
+
+
+    def qkv_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """Self-attention's fused projection, split into heads: x (B, L, dim) -> (3, B, heads, L, d),
+        unpacked as q, k, v. One matmul for all three; subclasses change the bias (Swin V2)."""
+        B, L, _ = x.shape
+        qkv = self.qkv(x).reshape(B, L, 3, self.num_heads, self.head_dim)
+        return qkv.permute(2, 0, 3, 1, 4)  # (B, L, 3, h, d) -> (3, B, h, L, d)
 
 
 def use_explicit_attention(model: nn.Module, explicit: bool = True) -> nn.Module:

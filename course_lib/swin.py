@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .hf import cfg, fuse_qkv, load_hf_checkpoint, rename_keys
-from .layers import DropPath, Mlp, attention, load_state_dict_checked
+from .layers import Attention, DropPath, Mlp, attention, load_state_dict_checked, merge_heads
 from .vit import PatchEmbed, _pair
 
 # ----------------------------------------------------------------------------------------------
@@ -181,8 +181,9 @@ def merge_patches(x: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 # Modules
 # ----------------------------------------------------------------------------------------------
-class WindowAttention(nn.Module):
-    """Multi-head attention inside windows with a relative position bias.
+class WindowAttention(Attention):
+    """Multi-head self-attention inside windows with a relative position bias: the course's
+    `layers.Attention` (fused qkv, the same heads and the same `attention` function) plus a bias.
 
     V1: softmax(q k^T / sqrt(d) + B + mask) v, B gathered from a ((2M-1)^2, heads) table.
     V2: softmax(cos(q, k) * tau + 16 sigmoid(CPB) + mask) v, tau = exp(min(logit_scale, ln 100)),
@@ -191,23 +192,24 @@ class WindowAttention(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, window_size: int, qkv_bias: bool = True,
                  version: int = 1, pretrained_window_size: int = 0):
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"width {dim} is not divisible by {num_heads} heads: choose heads that divide it")
-        self.num_heads, self.head_dim, self.window_size = num_heads, dim // num_heads, window_size
-        self.version, self.pretrained_window_size = version, pretrained_window_size
-        self.use_sdpa = True
+        super().__init__(dim, num_heads, qkv_bias=qkv_bias and version == 1)
+        self.window_size, self.version, self.pretrained_window_size = window_size, version, pretrained_window_size
         if version == 1:
-            self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
             self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
             nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
         else:
-            self.qkv = nn.Linear(dim, 3 * dim, bias=False)
             self.q_bias = nn.Parameter(torch.zeros(dim)) if qkv_bias else None
             self.v_bias = nn.Parameter(torch.zeros(dim)) if qkv_bias else None
             self.logit_scale = nn.Parameter(torch.full((num_heads, 1, 1), math.log(10.0)))
             self.cpb_mlp = nn.Sequential(nn.Linear(2, 512), nn.ReLU(), nn.Linear(512, num_heads, bias=False))
-        self.proj = nn.Linear(dim, dim)
+
+    def qkv_heads(self, x: torch.Tensor) -> torch.Tensor:
+        if self.version == 1 or self.q_bias is None:
+            return super().qkv_heads(x)
+        B, L, _ = x.shape
+        bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])  # V2: no k bias
+        qkv = F.linear(x, self.qkv.weight, bias).reshape(B, L, 3, self.num_heads, self.head_dim)
+        return qkv.permute(2, 0, 3, 1, 4)  # (B, L, 3, h, d) -> (3, B, h, L, d)
 
     def position_bias(self, window_size: int) -> torch.Tensor:
         """(heads, M*M, M*M) bias for windows of side `window_size`."""
@@ -222,11 +224,7 @@ class WindowAttention(nn.Module):
         """x: (B*nW, M*M, C) windows; mask: boolean (nW, M*M, M*M) or None.
         Returns (out (B*nW, M*M, C), weights (B*nW, heads, M*M, M*M) or None)."""
         BnW, N, C = x.shape
-        bias = None
-        if self.version == 2 and self.q_bias is not None:
-            bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
-        qkv = F.linear(x, self.qkv.weight, bias if self.version == 2 else self.qkv.bias)
-        q, k, v = qkv.reshape(BnW, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B*nW, h, N, d)
+        q, k, v = self.qkv_heads(x)  # 3 x (B*nW, h, N, d)
         if self.version == 2:
             tau = torch.clamp(self.logit_scale, max=math.log(100.0)).exp()  # (h, 1, 1)
             # attention() divides by sqrt(d); pre-multiplying q gives cos(q, k) * tau exactly.
@@ -238,7 +236,7 @@ class WindowAttention(nn.Module):
             add = add + torch.zeros_like(mask, dtype=add.dtype).masked_fill(~mask, float("-inf"))[:, None]  # (nW, h, N, N)
             q, k, v = (t.reshape(BnW // nW, nW, self.num_heads, N, self.head_dim) for t in (q, k, v))
         out, weights = attention(q, k, v, add, use_sdpa=self.use_sdpa and not return_weights)
-        out = out.reshape(BnW, self.num_heads, N, self.head_dim).transpose(1, 2).reshape(BnW, N, C)
+        out = merge_heads(out.reshape(BnW, self.num_heads, N, self.head_dim))  # (B*nW, h, N, d) -> (B*nW, N, C)
         if weights is not None:
             weights = weights.reshape(BnW, self.num_heads, N, N)
         return self.proj(out), weights
