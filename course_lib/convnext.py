@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .hf import cfg, load_hf_checkpoint, rename_keys
+from .hf import cfg, check_model_type, load_hf_checkpoint, rename_keys, require_gelu, source_name
 from .layers import DropPath, LayerScale, load_state_dict_checked
 from .mae import check_mask_ratio, mae_loss  # FCMAE masks and scores like MAE, on the cells
 from .vit import patchify
@@ -304,19 +304,14 @@ class ConvNeXt(nn.Module):
         hf_config, state = load_hf_checkpoint(source)
         config = config_from_hf(hf_config, state, **overrides)
         model = cls(config)
-        name = source if isinstance(source, str) else type(source).__name__
-        load_state_dict_checked(model, convert_hf_state_dict(state), source=str(name))
+        load_state_dict_checked(model, convert_hf_state_dict(state), source=source_name(source))
         return model
 
 
 def config_from_hf(hf_config, state: dict[str, torch.Tensor], **overrides) -> ConvNeXtConfig:
     """Translate a transformers ConvNext/ConvNextV2 config into a ConvNeXtConfig."""
-    model_type = cfg(hf_config, "model_type", "convnext")
-    if model_type not in ("convnext", "convnextv2"):
-        raise ValueError(f"ConvNeXt.from_hf reads convnext or convnextv2 checkpoints, got model_type {model_type!r}")
-    act = cfg(hf_config, "hidden_act", "gelu")
-    if act != "gelu":
-        raise NotImplementedError(f"activation {act!r}: course_lib's ConvNeXt uses exact GELU")
+    model_type = check_model_type(hf_config, ("convnext", "convnextv2"), "ConvNeXt.from_hf")
+    require_gelu(hf_config, "ConvNeXt")
     v2 = model_type == "convnextv2"
     ls = cfg(hf_config, "layer_scale_init_value", 0.0)
     head = next((k for k in state if k.endswith("classifier.weight")), None)
@@ -330,8 +325,7 @@ def config_from_hf(hf_config, state: dict[str, torch.Tensor], **overrides) -> Co
         grn=v2,
         head_eps=cfg(hf_config, "layer_norm_eps", 1e-12),
     )
-    kwargs.update(overrides)
-    return ConvNeXtConfig(**kwargs)
+    return ConvNeXtConfig(**{**kwargs, **overrides})
 
 
 # transformers 5.x writes the same names in memory and on disk for ConvNeXt; both are covered.

@@ -262,6 +262,64 @@ class Block(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
+# Patch embedding (ViT eq. 1; also Swin's first layer)
+# ----------------------------------------------------------------------------------------------
+def as_pair(x: int | tuple[int, int]) -> tuple[int, int]:
+    """An image or patch size as (height, width): 16 -> (16, 16)."""
+    return (x, x) if isinstance(x, int) else (int(x[0]), int(x[1]))
+
+
+def check_positive(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def check_image_size(height: int, width: int, patch: tuple[int, int]) -> None:
+    """A ValueError that says how to fix an image whose sides the patch does not divide."""
+    for p in patch:
+        check_positive("patch_size", p)
+    for name, size, p in (("height", height, patch[0]), ("width", width, patch[1])):
+        if size % p != 0:
+            fixed = (size // p + 1) * p
+            raise ValueError(
+                f"image {name} {size} is not divisible by the patch size {p}: "
+                f"resize or pad the images to {fixed} (or {size - size % p}), or pick a patch size that divides {size}"
+            )
+
+
+class PatchEmbed(nn.Module):
+    """Patch embedding as a strided convolution: kernel = stride = patch size.
+
+    This is the same linear map as `patchify` followed by nn.Linear (see `as_linear`), computed
+    in one fused op.
+    """
+
+    def __init__(self, patch_size: int | tuple[int, int], in_chans: int, dim: int):
+        super().__init__()
+        self.patch_size = as_pair(patch_size)
+        self.in_chans = in_chans
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=self.patch_size, stride=self.patch_size)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.ndim != 4 or images.shape[1] != self.in_chans:
+            raise ValueError(
+                f"expected images of shape (B, {self.in_chans}, H, W), got {tuple(images.shape)}"
+                + (" (channels-last? use images.permute(0, 3, 1, 2))" if images.ndim == 4 and images.shape[-1] == self.in_chans else "")
+            )
+        if not images.is_floating_point():
+            raise TypeError(
+                f"images must be floating point, got {images.dtype}: convert uint8 pixels with images.float() / 255"
+            )
+        check_image_size(images.shape[2], images.shape[3], self.patch_size)
+        return self.proj(images).flatten(2).transpose(1, 2)  # (B, D, gh, gw) -> (B, N, D)
+
+    def as_linear(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The conv weight as a (D, p*p*C) matrix matching `patchify`'s (row, col, channel) order."""
+        w = self.proj.weight  # (D, C, ph, pw)
+        return w.permute(0, 2, 3, 1).reshape(w.shape[0], -1), self.proj.bias
+
+
+# ----------------------------------------------------------------------------------------------
 # Position embeddings
 # ----------------------------------------------------------------------------------------------
 def sincos_1d(positions: torch.Tensor, dim: int, temperature: float = 10000.0) -> torch.Tensor:

@@ -20,9 +20,9 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from .hf import cfg, load_hf_checkpoint, rename_keys
-from .layers import Block, load_state_dict_checked, resample_pos_embed, sincos_2d_pos_embed
-from .vit import ViT, ViTConfig, _pair, convert_hf_state_dict, patchify, unpatchify
+from .hf import cfg, check_model_type, encoder_fields, load_hf_checkpoint, rename_keys, require_gelu, source_name
+from .layers import Block, as_pair, load_state_dict_checked, resample_pos_embed, sincos_2d_pos_embed
+from .vit import ViT, ViTConfig, convert_hf_state_dict, patchify, unpatchify
 
 
 # ----------------------------------------------------------------------------------------------
@@ -218,7 +218,7 @@ class MAEConfig:
 
     @property
     def grid(self) -> tuple[int, int]:
-        (H, W), p = _pair(self.image_size), self.patch_size
+        (H, W), p = as_pair(self.image_size), self.patch_size
         return H // p, W // p
 
     def encoder_config(self) -> ViTConfig:
@@ -345,35 +345,26 @@ class MAE(nn.Module):
             )
         config = mae_config_from_hf(hf_config, **overrides)
         model = cls(config)
-        name = source if isinstance(source, str) else type(source).__name__
-        load_state_dict_checked(model, convert_hf_state_dict_mae(state, config), source=str(name))
+        load_state_dict_checked(model, convert_hf_state_dict_mae(state, config), source=source_name(source))
         return model
 
 
 def mae_config_from_hf(hf_config, **overrides) -> MAEConfig:
     """Translate a transformers ViTMAEConfig into an MAEConfig."""
-    if cfg(hf_config, "hidden_act", "gelu") != "gelu":
-        raise NotImplementedError("course_lib's MAE uses exact GELU")
-    dim, ddim = cfg(hf_config, "hidden_size"), cfg(hf_config, "decoder_hidden_size")
+    check_model_type(hf_config, ("vit_mae",), "MAE.from_hf")
+    require_gelu(hf_config, "MAE")
+    fields, ddim = encoder_fields(hf_config), cfg(hf_config, "decoder_hidden_size")
     kwargs = dict(
-        image_size=cfg(hf_config, "image_size"),
-        patch_size=cfg(hf_config, "patch_size"),
-        in_chans=cfg(hf_config, "num_channels", 3),
-        dim=dim,
-        depth=cfg(hf_config, "num_hidden_layers"),
-        num_heads=cfg(hf_config, "num_attention_heads"),
-        mlp_ratio=cfg(hf_config, "intermediate_size") / dim,
+        **fields,
+        mlp_ratio=cfg(hf_config, "intermediate_size") / fields["dim"],
         decoder_dim=ddim,
         decoder_depth=cfg(hf_config, "decoder_num_hidden_layers"),
         decoder_num_heads=cfg(hf_config, "decoder_num_attention_heads"),
         decoder_mlp_ratio=cfg(hf_config, "decoder_intermediate_size") / ddim,
         mask_ratio=cfg(hf_config, "mask_ratio", 0.75),
         norm_pix_loss=cfg(hf_config, "norm_pix_loss", False),
-        qkv_bias=cfg(hf_config, "qkv_bias", True),
-        eps=cfg(hf_config, "layer_norm_eps", 1e-12),
     )
-    kwargs.update(overrides)
-    return MAEConfig(**kwargs)
+    return MAEConfig(**{**kwargs, **overrides})
 
 
 # The decoder's blocks are spelled like the encoder's once their prefix is renamed; vit.py's
@@ -432,7 +423,7 @@ class SimMIM(nn.Module):
         self.encoder = ViT(config)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, config.dim))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
-        ph, pw = _pair(config.patch_size)
+        ph, pw = as_pair(config.patch_size)
         self.head = nn.Linear(config.dim, ph * pw * config.in_chans)  # the one-layer prediction head
 
     def no_weight_decay(self) -> set[str]:

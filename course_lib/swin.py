@@ -24,9 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .hf import cfg, fuse_qkv, load_hf_checkpoint, rename_keys
-from .layers import Attention, DropPath, Mlp, attention, load_state_dict_checked, merge_heads
-from .vit import PatchEmbed, _pair
+from .hf import cfg, check_model_type, fuse_qkv, load_hf_checkpoint, rename_keys, require_gelu, source_name
+from .layers import Attention, DropPath, Mlp, PatchEmbed, as_pair, attention, load_state_dict_checked, merge_heads
 
 # ----------------------------------------------------------------------------------------------
 # The pure functions: windows, shift, mask, relative positions
@@ -359,7 +358,7 @@ class SwinConfig:
         if len(pws) != len(self.depths):
             raise ValueError(f"pretrained_window_sizes {pws} must have one entry per stage ({len(self.depths)})")
         self.pretrained_window_sizes = tuple(pws)
-        H, W = _pair(self.image_size)
+        H, W = as_pair(self.image_size)
         if H % self.patch_size or W % self.patch_size:
             raise ValueError(f"image size {H}x{W} is not divisible by the patch size {self.patch_size}")
 
@@ -433,7 +432,7 @@ class Swin(nn.Module):
         if cls is SwinV2 and config.version != 2:
             raise ValueError("this is a Swin V1 checkpoint: load it with Swin.from_hf")
         model = (SwinV2 if config.version == 2 else Swin)(config)
-        load_state_dict_checked(model, convert_hf_state_dict(state, config), source=source if isinstance(source, str) else type(source).__name__)
+        load_state_dict_checked(model, convert_hf_state_dict(state, config), source=source_name(source))
         return model
 
 
@@ -450,13 +449,10 @@ class SwinV2(Swin):
 # ----------------------------------------------------------------------------------------------
 def config_from_hf(hf_config, state: dict[str, torch.Tensor], **overrides) -> SwinConfig:
     """Translate a transformers SwinConfig / Swinv2Config into a SwinConfig."""
-    model_type = cfg(hf_config, "model_type", "swin")
-    if model_type not in ("swin", "swinv2"):
-        raise ValueError(f"expected a Swin or Swin V2 checkpoint, got model_type {model_type!r}")
+    model_type = check_model_type(hf_config, ("swin", "swinv2"), "Swin.from_hf")
     if cfg(hf_config, "use_absolute_embeddings", False):
         raise NotImplementedError("Swin with absolute position embeddings is not implemented in course_lib")
-    if cfg(hf_config, "hidden_act", "gelu") != "gelu":
-        raise NotImplementedError(f"activation {cfg(hf_config, 'hidden_act')!r}: course_lib's Swin uses exact GELU")
+    require_gelu(hf_config, "Swin")
     head = state.get("classifier.weight")
     patch = cfg(hf_config, "patch_size")
     kwargs = dict(
@@ -475,8 +471,7 @@ def config_from_hf(hf_config, state: dict[str, torch.Tensor], **overrides) -> Sw
         # transformers' default is four zeros whatever the number of stages
         pretrained_window_sizes=tuple(cfg(hf_config, "pretrained_window_sizes", None) or ())[: len(cfg(hf_config, "depths"))] or None,
     )
-    kwargs.update(overrides)
-    return SwinConfig(**kwargs)
+    return SwinConfig(**{**kwargs, **overrides})
 
 
 # Both spellings of transformers 5.x: in memory (q_proj, relative_position_bias.*, mlp.fc1) and on

@@ -106,7 +106,7 @@ CASES = [
     ("SwinConfig: version 3", lambda: swin.SwinConfig(version=3), ValueError, "version must be 1"),
     ("Swin: uint8 images", lambda: swin.swin_micro()(UINT8), TypeError, r"images\.float\(\) / 255"),
     ("Swin: image not divisible by the patch", lambda: swin.swin_micro()(torch.zeros(1, 3, 31, 32)), ValueError, "not divisible by the patch size 2"),
-    ("Swin.from_hf: a ViT checkpoint", lambda: swin.Swin.from_hf(_hf_vit()), ValueError, "Swin or Swin V2"),
+    ("Swin.from_hf: a ViT checkpoint", lambda: swin.Swin.from_hf(_hf_vit()), ValueError, "reads swin, swinv2 checkpoints, got model_type .vit."),
     ("window_partition: map not divisible", lambda: swin.window_partition(torch.zeros(1, 6, 8, 1), 4), ValueError, "pad_to_window"),
     ("window_partition: channels-first map", lambda: swin.window_partition(torch.zeros(4, 8, 8), 4), ValueError, r"\(B, H, W, C\)"),
     ("window_reverse: size not divisible", lambda: swin.window_reverse(torch.zeros(4, 4, 4, 1), 4, 6, 8), ValueError, "multiples of the window size"),

@@ -247,5 +247,5 @@ def test_parity_classifier_from_disk(v2, tmp_path):
 @pytest.mark.slow
 def test_from_hf_rejects_other_families():
     vit = transformers.ViTModel(transformers.ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32))
-    with pytest.raises(ValueError, match="convnext or convnextv2"):
+    with pytest.raises(ValueError, match="reads convnext, convnextv2 checkpoints"):
         ConvNeXt.from_hf(vit)

@@ -77,3 +77,37 @@ def test_vit_checkpoint_script_runs(tmp_path):
     assert float(shipped_meta["test_accuracy"]) == pytest.approx(measured, abs=1e-4)
     chance = 1 / len(data.SHAPES)
     assert measured > chance + 0.5, f"the shipped ViT ({measured:.3f}) should beat chance ({chance:.2f}) by a wide margin"
+
+
+def _imports(module: Path) -> set[str]:
+    """The course_lib modules a module imports (relative imports and `course_lib.X`), at any depth."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(module.read_text())):
+        if not isinstance(node, ast.ImportFrom):
+            continue
+        if node.module and (node.level > 0 or node.module.startswith("course_lib.")):
+            found.add(node.module.removeprefix("course_lib.").split(".")[0])  # from .vit import ViT
+        elif node.module is None or node.module == "course_lib":
+            found.update(alias.name for alias in node.names)  # from . import data
+    return found
+
+
+SHARED = {"layers", "hf", "utils"}
+PARENT = {"vit": set(), "swin": set(), "convnext": {"vit", "mae"}, "mae": {"vit"}}
+
+
+@pytest.mark.parametrize("family", sorted(PARENT))
+def test_vision_families_sit_on_the_shared_layer(family):
+    """A family imports only the shared layer and at most its parent family (MAE on ViT; ConvNeXt
+    V2's FCMAE masks and scores like MAE), never the training loop or the recipes."""
+    imported = _imports(ROOT / "course_lib" / f"{family}.py")
+    assert imported <= SHARED | PARENT[family], f"{family} imports {sorted(imported - SHARED - PARENT[family])}"
+
+
+def test_the_shared_layer_imports_no_family():
+    families = {p.stem for p in (ROOT / "course_lib").glob("*.py")} - {"layers", "hf", "utils", "train", "distributed", "data", "plot", "__init__"}
+    for module in ("layers", "hf", "utils", "train", "distributed"):
+        imported = _imports(ROOT / "course_lib" / f"{module}.py")
+        assert not imported & families, f"{module} imports the families {sorted(imported & families)}"
