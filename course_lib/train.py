@@ -2,7 +2,9 @@
 linear warmup then cosine decay, a progress bar, and a history of loss, accuracy and images/s.
 
 The loss is pluggable: `loss_fn(model, batch) -> (loss, n_correct or None)`, so that MAE, DINO
-and CLIP lectures train with the same loop as the classifiers.
+and CLIP lectures train with the same loop as the classifiers (their loss_fns live in
+`course_lib.recipes`), and `after_step` runs what a recipe does between steps. Several processes
+under torchrun: `course_lib.distributed` wraps, shards and sums; `fit` only calls it.
 """
 
 from __future__ import annotations
