@@ -12,11 +12,12 @@ export PYTHONHASHSEED = 0
 # machine running two test processes) spinning threads slow training down up to tenfold.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: help setup test test-unit test-notebooks book lab labs notebooks clean
+.PHONY: help setup test test-fast test-unit test-notebooks book lab labs notebooks clean
 
 help:
 	@echo "make book       execute the lectures and build the HTML book (_build/html; OFFLINE=1, NO_EXECUTE=1)"
-	@echo "make test       run every test: library, parity, labs, notebook budgets, browser clients"
+	@echo "make test       run every test: the fast tier first, then parity and training, notebooks, browser clients"
+	@echo "make test-fast  the fast tier only (pure functions, shapes, errors; under a minute)"
 	@echo "make lab        open JupyterLab on the course"
 	@echo "make labs       regenerate labs/ from solutions/ (FORCE=1 to replace edited labs, with a backup)"
 	@echo "make grade      grade students' lab notebooks: SUBMISSIONS=folder/ [OUT=gradebook/] (README)"
@@ -32,13 +33,20 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
+	$(MAKE) test-fast
 	$(MAKE) test-unit
 	$(MAKE) test-notebooks
 	$(MAKE) test-browser
 
-# Library, parity and tooling tests, two processes.
+# The tiers: every test runs in exactly one of them.
+# fast: pure functions, shapes, errors (under a minute on 2 cores); stops at the first failure.
+FAST := not slow and not notebook and not serial and not browser and not colab
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -x -n $(JOBS) --dist loadfile -m "$(FAST)" tests
+
+# slow: parity with transformers, training runs, script smoke runs and torchrun, two processes.
 test-unit: $(STAMP)
-	$(BIN)/python -m pytest -n $(JOBS) --dist loadfile -m "not notebook and not serial" tests
+	$(BIN)/python -m pytest -n $(JOBS) --dist loadfile -m "slow and not notebook and not serial and not browser and not colab" tests
 
 # Notebooks one at a time, so that each one's time is what a 2-core laptop sees:
 # lectures are executed, solutions are compared with their recorded check output,

@@ -14,17 +14,15 @@ channels-last (B, H, W, C), as in the official code, where nn.Linear acts on the
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .hf import cfg, load_hf_checkpoint, rename_keys
+from .hf import cfg, check_model_type, load_hf_checkpoint, rename_keys, require_gelu, source_name
 from .layers import DropPath, LayerScale, load_state_dict_checked
-from .mae import mae_loss  # FCMAE's loss is MAE's masked loss on the cells
+from .mae import check_mask_ratio, mae_loss  # FCMAE masks and scores like MAE, on the cells
 from .vit import patchify
 
 
@@ -197,6 +195,14 @@ class ConvNeXtConfig:
             raise ValueError(
                 f"depths {self.depths} and dims {self.dims} must have one entry per stage (same length)"
             )
+        for name, values in (("depths", self.depths), ("dims", self.dims)):
+            if not all(isinstance(v, int) and v >= 1 for v in values):
+                raise ValueError(f"{name} must be positive integers, one per stage, got {values}")
+        for name in ("in_chans", "patch_size", "kernel_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if not isinstance(self.num_classes, int) or self.num_classes < 0:
+            raise ValueError(f"num_classes must be an integer >= 0 (0: no head), got {self.num_classes!r}")
         if self.kernel_size % 2 != 1:
             raise ValueError(f"kernel_size must be odd so that 'same' padding keeps the size, got {self.kernel_size}")
 
@@ -239,6 +245,8 @@ class ConvNeXt(nn.Module):
     def _check_images(self, images: torch.Tensor) -> None:
         c = self.config
         _check_layout(images, c.in_chans, "first", "ConvNeXt")
+        if not images.is_floating_point():
+            raise TypeError(f"images must be floating point, got {images.dtype}: convert uint8 pixels with images.float() / 255")
         if min(images.shape[2:]) < c.total_stride:
             raise ValueError(
                 f"image {tuple(images.shape[2:])} is smaller than the network's total stride {c.total_stride}: "
@@ -296,19 +304,14 @@ class ConvNeXt(nn.Module):
         hf_config, state = load_hf_checkpoint(source)
         config = config_from_hf(hf_config, state, **overrides)
         model = cls(config)
-        name = source if isinstance(source, str) else type(source).__name__
-        load_state_dict_checked(model, convert_hf_state_dict(state), source=str(name))
+        load_state_dict_checked(model, convert_hf_state_dict(state), source=source_name(source))
         return model
 
 
 def config_from_hf(hf_config, state: dict[str, torch.Tensor], **overrides) -> ConvNeXtConfig:
     """Translate a transformers ConvNext/ConvNextV2 config into a ConvNeXtConfig."""
-    model_type = cfg(hf_config, "model_type", "convnext")
-    if model_type not in ("convnext", "convnextv2"):
-        raise ValueError(f"ConvNeXt.from_hf reads convnext or convnextv2 checkpoints, got model_type {model_type!r}")
-    act = cfg(hf_config, "hidden_act", "gelu")
-    if act != "gelu":
-        raise NotImplementedError(f"activation {act!r}: course_lib's ConvNeXt uses exact GELU")
+    model_type = check_model_type(hf_config, ("convnext", "convnextv2"), "ConvNeXt.from_hf")
+    require_gelu(hf_config, "ConvNeXt")
     v2 = model_type == "convnextv2"
     ls = cfg(hf_config, "layer_scale_init_value", 0.0)
     head = next((k for k in state if k.endswith("classifier.weight")), None)
@@ -322,8 +325,7 @@ def config_from_hf(hf_config, state: dict[str, torch.Tensor], **overrides) -> Co
         grn=v2,
         head_eps=cfg(hf_config, "layer_norm_eps", 1e-12),
     )
-    kwargs.update(overrides)
-    return ConvNeXtConfig(**kwargs)
+    return ConvNeXtConfig(**{**kwargs, **overrides})
 
 
 # transformers 5.x writes the same names in memory and on disk for ConvNeXt; both are covered.
@@ -348,64 +350,6 @@ def convert_hf_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     return {k: v.reshape(-1) if k.endswith((".grn.gamma", ".grn.beta")) else v for k, v in out.items()}
 
 
-@contextlib.contextmanager
-def grn_disabled(model: nn.Module) -> Iterator[nn.Module]:
-    """Temporarily make every GRN of `model` the identity (gamma = beta = 0), then restore it."""
-    saved = [(m, m.gamma.detach().clone(), m.beta.detach().clone()) for m in model.modules() if isinstance(m, GRN)]
-    try:
-        with torch.no_grad():
-            for m, _, _ in saved:
-                m.gamma.zero_()
-                m.beta.zero_()
-        yield model
-    finally:
-        with torch.no_grad():
-            for m, g, b in saved:
-                m.gamma.copy_(g)
-                m.beta.copy_(b)
-
-
-# ----------------------------------------------------------------------------------------------
-# Looking for feature collapse (ConvNeXt V2 section 3, Fig. 3-4)
-# ----------------------------------------------------------------------------------------------
-@torch.no_grad()
-def hidden_activations(model: ConvNeXt, images: torch.Tensor, stage: int = -1, block: int = -1, after_grn: bool = False) -> torch.Tensor:
-    """The wide hidden layer of one block (after GELU; before GRN unless after_grn), where
-    ConvNeXt V2 looks for collapse: (B, H, W, hidden), channels-last."""
-    out: list[torch.Tensor] = []
-    hook = model.stages[stage].blocks[block].grn.register_forward_hook(
-        lambda _m, inputs, output: out.append(output if after_grn else inputs[0])
-    )
-    try:
-        model.forward_features(images)
-    finally:
-        hook.remove()
-    return out[0]
-
-
-def feature_cosine_distance(x: torch.Tensor) -> float:
-    """ConvNeXt V2 Fig. 4's diversity score: for each image, the mean over all channel pairs of
-    (1 - cos(X_i, X_j)) / 2, with X_i the flattened H x W map of channel i; averaged over images.
-    x: (B, H, W, C). 0 when every channel carries the same map, higher for diverse channels."""
-    maps = F.normalize(x.flatten(1, 2).transpose(1, 2), dim=-1)  # (B, C, H*W), unit-length maps
-    cos = maps @ maps.transpose(1, 2)  # (B, C, C)
-    return ((1 - cos) / 2).mean().item()
-
-
-def collapsed_channels(x: torch.Tensor, rel: float = 0.01, cv: float = 0.1) -> tuple[int, int]:
-    """(dead, saturated) channel counts of activations x (B, H, W, C) over a batch of images.
-
-    dead: the channel's largest |response| is below `rel` times the largest of the layer.
-    saturated: it responds, but almost the same everywhere: std / |mean| below `cv` over all
-    positions and images (a constant map carries no information about the image).
-    """
-    a = x.flatten(0, 2)  # (B*H*W, C)
-    peak = a.abs().amax(dim=0)  # (C,)
-    dead = peak < rel * peak.max()
-    saturated = ~dead & (a.std(dim=0) < cv * a.mean(dim=0).abs())
-    return int(dead.sum()), int(saturated.sum())
-
-
 # ----------------------------------------------------------------------------------------------
 # Sizes: ConvNeXt Table 9 / section 3, ConvNeXt V2 Table 5 (depths, dims)
 # ----------------------------------------------------------------------------------------------
@@ -420,9 +364,11 @@ _SIZES = {
 
 
 def _make(size: str, v2: bool, **kw) -> ConvNeXt:
+    """The paper's model: 224 px ImageNet classifiers with the 1,000-class head (num_classes=0 for
+    a backbone)."""
     depths, dims = _SIZES[size]
     version = dict(layer_scale=None, grn=True) if v2 else dict(layer_scale=1e-6, grn=False)
-    return ConvNeXt(ConvNeXtConfig(**{**dict(depths=depths, dims=dims), **version, **kw}))
+    return ConvNeXt(ConvNeXtConfig(**{**dict(depths=depths, dims=dims, num_classes=1000), **version, **kw}))
 
 
 def convnext_tiny(**kw) -> ConvNeXt:
@@ -464,8 +410,7 @@ def fcmae_mask(
     Exactly int(gh*gw*(1 - mask_ratio)) cells per image stay visible (at least one): those with the
     smallest noise, as in MAE. FCMAE masks 60% of the 32x32 cells of a 224 image.
     """
-    if not 0.0 <= mask_ratio < 1.0:
-        raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+    check_mask_ratio(mask_ratio)
     gh, gw = grid
     n = gh * gw
     n_keep = max(1, int(n * (1 - mask_ratio)))
@@ -500,6 +445,9 @@ class FCMAE(nn.Module):
 
     def __init__(self, encoder: ConvNeXt, decoder_dim: int = 512, decoder_depth: int = 1, mask_ratio: float = 0.6, norm_pix: bool = True):
         super().__init__()
+        if not isinstance(encoder, ConvNeXt):
+            raise TypeError(f"FCMAE's encoder is a ConvNeXt, got {type(encoder).__name__}")
+        check_mask_ratio(mask_ratio)
         c = encoder.config
         self.encoder, self.mask_ratio, self.norm_pix = encoder, mask_ratio, norm_pix
         self.patch_size = c.total_stride
@@ -527,105 +475,3 @@ class FCMAE(nn.Module):
         pred = self.pred(self.decoder(x))  # (B, p*p*C, gh, gw)
         pred = pred.flatten(2).transpose(1, 2)  # (B, L, p*p*C)
         return fcmae_loss(images, pred, mask, s, self.norm_pix), pred, mask
-
-
-@torch.no_grad()
-def mask_leakage(encoder: ConvNeXt, images: torch.Tensor, mask: torch.Tensor, sparse: bool) -> list[float]:
-    """Why FCMAE needs sparse convolution: per stage, the mean |feature| in masked cells divided by
-    the mean |feature| in visible cells.
-
-    sparse=False zeroes the masked pixels once and runs the ordinary dense network: every 7x7 conv
-    copies visible content a few cells into the holes (and biases fill them), so deeper stages see
-    no holes at all and the masked region is no longer hidden. sparse=True re-masks after every
-    layer, as sparse convolution computes only at visible cells: the ratio stays exactly 0.
-    """
-    s = encoder.config.total_stride
-    if sparse:
-        stages = encoder.forward_features(images, mask=mask, return_stages=True)
-    else:
-        stages = encoder.forward_features(images * (1 - upsample_mask(mask, s).to(images)), return_stages=True)
-    ratios = []
-    for feat, keep in zip(stages, encoder.keep_masks(mask, images.shape[2:])):
-        a = feat.abs().mean(dim=1, keepdim=True)  # (B, 1, h, w)
-        masked = (a * (1 - keep)).sum() / (1 - keep).sum().clamp(min=1)
-        visible = (a * keep).sum() / keep.sum().clamp(min=1)
-        ratios.append((masked / visible).item())
-    return ratios
-
-
-# ----------------------------------------------------------------------------------------------
-# The modernization roadmap (ConvNeXt section 2, Fig. 2-3): from a ResNet block to ConvNeXt's
-# ----------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class BlockDesign:
-    """One point on the roadmap. Every field is one of the paper's block-level changes."""
-
-    depthwise: bool = False  # 2.3 ResNeXt-ify: the 3x3 conv becomes depthwise (groups = channels)
-    inverted: bool = False  # 2.4 inverted bottleneck: hidden width 4x dim instead of dim/4
-    conv_first: bool = False  # 2.5 move the spatial conv up, like attention before the MLP
-    kernel_size: int = 3  # 2.5 larger kernel: 7x7
-    act: str = "relu"  # 2.6 GELU instead of ReLU
-    one_act: bool = False  # 2.6 a single activation, between the two 1x1 convs
-    one_norm: bool = False  # 2.6 a single norm, after the spatial conv
-    norm: str = "batch"  # 2.6 "batch" -> "layer" (LayerNorm over channels)
-
-
-ROADMAP: list[tuple[str, BlockDesign]] = []
-_d = BlockDesign()
-for _name, _change in [
-    ("ResNet bottleneck", {}),
-    ("depthwise conv", dict(depthwise=True)),
-    ("inverted bottleneck", dict(inverted=True)),
-    ("move conv up", dict(conv_first=True)),
-    ("7x7 kernel", dict(kernel_size=7)),
-    ("GELU", dict(act="gelu")),
-    ("fewer activations", dict(one_act=True)),
-    ("fewer norms", dict(one_norm=True)),
-    ("LayerNorm", dict(norm="layer")),
-]:
-    _d = BlockDesign(**{**vars(_d), **_change})
-    ROADMAP.append((_name, _d))
-del _d, _name, _change
-
-
-class RoadmapBlock(nn.Module):
-    """A residual block built from a BlockDesign; the last roadmap step equals a ConvNeXt V1 block
-    without layer scale (same parameters, same multiply-adds)."""
-
-    def __init__(self, dim: int, design: BlockDesign):
-        super().__init__()
-        d = design
-        hidden = dim * 4 if d.inverted else dim // 4
-        width = dim if d.conv_first else hidden  # channels the spatial conv sees
-        k = d.kernel_size
-        spatial = nn.Conv2d(width, width, k, padding=k // 2, groups=width if d.depthwise else 1)
-        expand, reduce = nn.Conv2d(dim, hidden, 1), nn.Conv2d(hidden, dim, 1)
-        convs = [spatial, expand, reduce] if d.conv_first else [expand, spatial, reduce]
-        act = nn.GELU if d.act == "gelu" else nn.ReLU
-        norm = (lambda c: LayerNorm2d(c, eps=1e-6)) if d.norm == "layer" else nn.BatchNorm2d
-        layers: list[nn.Module] = []
-        for i, conv in enumerate(convs):
-            layers.append(conv)
-            if not d.one_norm or conv is spatial:
-                layers.append(norm(conv.out_channels))
-            if (d.one_act and conv is expand) or (not d.one_act and i < 2):
-                layers.append(act())
-        self.body = nn.Sequential(*layers)
-        self.post_act = nn.Identity() if d.one_act else act()  # ResNet's ReLU after the addition
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.post_act(x + self.body(x))
-
-
-def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
-    """Multiply-accumulates of one forward pass (what papers report as "FLOPs"), counted by
-    torch's FLOP counter on a zero input; norms and activations are not counted."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    param = next(model.parameters())
-    was_training = model.training
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        model.eval()(torch.zeros(input_shape, dtype=param.dtype, device=param.device))
-    model.train(was_training)
-    return counter.get_total_flops() // 2

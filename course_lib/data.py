@@ -254,6 +254,9 @@ def scenes(
 
 def to_tensors(ds, image_column: str = "image", label_column: str | None = "label") -> tuple[torch.Tensor, torch.Tensor | None]:
     """A dataset with an image column -> (images float32 (N, 3, H, W) in [0, 1], labels int64 (N,))."""
+    for column in (image_column, label_column):
+        if column is not None and column not in ds.column_names:
+            raise ValueError(f"the dataset has no column {column!r}; its columns: {ds.column_names}")
     images = np.stack([np.asarray(im.convert("RGB")) for im in ds[image_column]])  # (N, H, W, 3)
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255)  # (N, 3, H, W)
     y = torch.tensor(ds[label_column], dtype=torch.long) if label_column else None

@@ -108,3 +108,41 @@ def fuse_qkv(state_dict: dict[str, torch.Tensor], prefix_pattern: str = r"(.*)\.
 def cfg(config: Any, name: str, default: Any = None) -> Any:
     """Read an attribute from a transformers config or a config.json namespace."""
     return getattr(config, name, default)
+
+
+def source_name(source: Any) -> str:
+    """How an error message names a checkpoint: its path or hub id, or the model's class name."""
+    return str(source) if isinstance(source, (str, os.PathLike)) else type(source).__name__
+
+
+def check_model_type(config: Any, expected: tuple[str, ...], loader: str) -> str:
+    """The config's model_type if `loader` reads it, else a ValueError that says what was given."""
+    model_type = cfg(config, "model_type", expected[0])
+    if model_type not in expected:
+        raise ValueError(
+            f"{loader} reads {', '.join(expected)} checkpoints, got model_type {model_type!r}: "
+            "load it with its own family's from_hf (course_lib.vit, course_lib.swin, course_lib.convnext, ...)"
+        )
+    return model_type
+
+
+def require_gelu(config: Any, family: str) -> None:
+    """course_lib's families use the exact GELU; other activations would load and silently differ."""
+    act = cfg(config, "hidden_act", "gelu")
+    if act != "gelu":
+        raise NotImplementedError(f"activation {act!r}: course_lib's {family} uses exact GELU")
+
+
+def encoder_fields(config: Any) -> dict[str, Any]:
+    """The fields every ViT-style transformers config (ViT, DeiT, DINOv2, ViTMAE) spells alike,
+    under course_lib's names: image and patch size, channels, width, depth, heads, qkv bias, eps."""
+    return dict(
+        image_size=cfg(config, "image_size"),
+        patch_size=cfg(config, "patch_size"),
+        in_chans=cfg(config, "num_channels", 3),
+        dim=cfg(config, "hidden_size"),
+        depth=cfg(config, "num_hidden_layers"),
+        num_heads=cfg(config, "num_attention_heads"),
+        qkv_bias=cfg(config, "qkv_bias", True),
+        eps=cfg(config, "layer_norm_eps", 1e-12),
+    )

@@ -34,6 +34,11 @@ def attention(
     Returns (out (..., Lq, dv), weights (..., Lq, Lk) or None). The SDPA path is fused and does
     not materialise the weights, so it returns None for them; the explicit path returns them.
     """
+    if q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2]:
+        raise ValueError(
+            f"attention needs q (..., Lq, d), k (..., Lk, d), v (..., Lk, dv): got q {tuple(q.shape)}, "
+            f"k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
     if use_sdpa:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask), None
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # (..., Lq, Lk)
@@ -146,14 +151,21 @@ class Attention(nn.Module):
         else:
             if context is not None:
                 raise ValueError("this is a self-attention layer: build it with context_dim=... to attend to a context")
-            qkv = self.qkv(x).reshape(B, L, 3, self.num_heads, self.head_dim)
-            q, k, v = qkv.permute(2, 0, 3, 1, 4)  # 3 x (B, h, L, d)
+            q, k, v = self.qkv_heads(x)
         if rotary is not None:
             q, k = rotary(q, k)
         if cache is not None:
             k, v = cache.update(k, v)  # (B, h, past + L, d)
         out, weights = attention(q, k, v, mask, use_sdpa=self.use_sdpa and not return_weights)
         return self.proj(merge_heads(out)), weights  # (B, h, Lq, d) -> (B, Lq, h*d) -> (B, Lq, dim)
+
+
+    def qkv_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """Self-attention's fused projection, split into heads: x (B, L, dim) -> (3, B, heads, L, d),
+        unpacked as q, k, v. One matmul for all three; subclasses change the bias (Swin V2)."""
+        B, L, _ = x.shape
+        qkv = self.qkv(x).reshape(B, L, 3, self.num_heads, self.head_dim)
+        return qkv.permute(2, 0, 3, 1, 4)  # (B, L, 3, h, d) -> (3, B, h, L, d)
 
 
 def use_explicit_attention(model: nn.Module, explicit: bool = True) -> nn.Module:
@@ -195,6 +207,8 @@ def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
 class DropPath(nn.Module):
     def __init__(self, p: float = 0.0):
         super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"the drop-path rate is a probability in [0, 1), got {p}")
         self.p = p
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -245,6 +259,64 @@ class Block(nn.Module):
         x = x + self.drop_path(self.ls1(a))
         x = x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
         return (x, weights) if return_weights else x
+
+
+# ----------------------------------------------------------------------------------------------
+# Patch embedding (ViT eq. 1; also Swin's first layer)
+# ----------------------------------------------------------------------------------------------
+def as_pair(x: int | tuple[int, int]) -> tuple[int, int]:
+    """An image or patch size as (height, width): 16 -> (16, 16)."""
+    return (x, x) if isinstance(x, int) else (int(x[0]), int(x[1]))
+
+
+def check_positive(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def check_image_size(height: int, width: int, patch: tuple[int, int]) -> None:
+    """A ValueError that says how to fix an image whose sides the patch does not divide."""
+    for p in patch:
+        check_positive("patch_size", p)
+    for name, size, p in (("height", height, patch[0]), ("width", width, patch[1])):
+        if size % p != 0:
+            fixed = (size // p + 1) * p
+            raise ValueError(
+                f"image {name} {size} is not divisible by the patch size {p}: "
+                f"resize or pad the images to {fixed} (or {size - size % p}), or pick a patch size that divides {size}"
+            )
+
+
+class PatchEmbed(nn.Module):
+    """Patch embedding as a strided convolution: kernel = stride = patch size.
+
+    This is the same linear map as `patchify` followed by nn.Linear (see `as_linear`), computed
+    in one fused op.
+    """
+
+    def __init__(self, patch_size: int | tuple[int, int], in_chans: int, dim: int):
+        super().__init__()
+        self.patch_size = as_pair(patch_size)
+        self.in_chans = in_chans
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=self.patch_size, stride=self.patch_size)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.ndim != 4 or images.shape[1] != self.in_chans:
+            raise ValueError(
+                f"expected images of shape (B, {self.in_chans}, H, W), got {tuple(images.shape)}"
+                + (" (channels-last? use images.permute(0, 3, 1, 2))" if images.ndim == 4 and images.shape[-1] == self.in_chans else "")
+            )
+        if not images.is_floating_point():
+            raise TypeError(
+                f"images must be floating point, got {images.dtype}: convert uint8 pixels with images.float() / 255"
+            )
+        check_image_size(images.shape[2], images.shape[3], self.patch_size)
+        return self.proj(images).flatten(2).transpose(1, 2)  # (B, D, gh, gw) -> (B, N, D)
+
+    def as_linear(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The conv weight as a (D, p*p*C) matrix matching `patchify`'s (row, col, channel) order."""
+        w = self.proj.weight  # (D, C, ph, pw)
+        return w.permute(0, 2, 3, 1).reshape(w.shape[0], -1), self.proj.bias
 
 
 # ----------------------------------------------------------------------------------------------
@@ -320,6 +392,8 @@ def param_groups(model: nn.Module, weight_decay: float, skip: Iterable[str] = ()
     A plain "decay every tensor with dim >= 2" rule would decay the CLS token (1, 1, D) and the
     position table (1, N, D); models list those in `no_weight_decay()`.
     """
+    if weight_decay < 0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
     skip = set(skip) | set(getattr(model, "no_weight_decay", lambda: set())())
     decay, no_decay = [], []
     for name, p in model.named_parameters():

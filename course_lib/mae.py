@@ -15,16 +15,14 @@ ablation (block, grid; Table 1f) and VideoMAE's tube masking (Tong et al., 2022)
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .hf import cfg, load_hf_checkpoint, rename_keys
-from .layers import Block, load_state_dict_checked, resample_pos_embed, sincos_2d_pos_embed
-from .vit import ViT, ViTConfig, _pair, convert_hf_state_dict, patchify, unpatchify
+from .hf import cfg, check_model_type, encoder_fields, load_hf_checkpoint, rename_keys, require_gelu, source_name
+from .layers import Block, as_pair, load_state_dict_checked, resample_pos_embed, sincos_2d_pos_embed
+from .vit import ViT, ViTConfig, convert_hf_state_dict, patchify, unpatchify
 
 
 # ----------------------------------------------------------------------------------------------
@@ -62,6 +60,8 @@ def random_masking(
       mask        (B, L) float, 0 = keep, 1 = remove, in the original token order;
       ids_restore (B, L) long: gathering [x_kept, mask tokens] with it restores the original order.
     """
+    if x.ndim != 3:
+        raise ValueError(f"random_masking expects tokens of shape (B, L, D), got {tuple(x.shape)}")
     B, L, D = x.shape
     if noise is None:
         noise = torch.rand(B, L, device=x.device)
@@ -92,73 +92,13 @@ def unshuffle(x_kept: torch.Tensor, mask_token: torch.Tensor, ids_restore: torch
     """
     B, K, D = x_kept.shape
     L = ids_restore.shape[1]
+    if mask_token.shape != (1, 1, D) or ids_restore.shape[0] != B or L < K:
+        raise ValueError(
+            f"unshuffle expects x_kept (B, K, D), mask_token (1, 1, D) and ids_restore (B, L) with L >= K, got "
+            f"{tuple(x_kept.shape)}, {tuple(mask_token.shape)}, {tuple(ids_restore.shape)}"
+        )
     x = torch.cat([x_kept, mask_token.expand(B, L - K, D)], dim=1)  # (B, L, D), shuffled order
     return torch.gather(x, 1, ids_restore[..., None].expand(-1, -1, D))
-
-
-def block_mask(
-    grid: tuple[int, int], num_masked: int, min_block: int = 4, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """BEiT's block-wise masking (Bao et al., 2022, Algorithm 1): hide random rectangles with
-    aspect ratio in [0.3, 1/0.3] until about `num_masked` patches are hidden. -> (gh, gw) bool."""
-    gh, gw = grid
-    mask = torch.zeros(gh, gw, dtype=torch.bool)
-    for _ in range(100 * gh * gw):  # bounded: every accepted block adds at least one patch
-        left = num_masked - int(mask.sum())
-        if left <= 0:
-            break
-        r = torch.rand(3, generator=generator).tolist()
-        area = min_block + r[0] * max(0, left - min_block) if left >= min_block else left
-        aspect = math.exp(math.log(0.3) + r[1] * (math.log(1 / 0.3) - math.log(0.3)))
-        h = max(1, min(gh, round(math.sqrt(area * aspect))))
-        w = max(1, min(gw, round(math.sqrt(area / aspect))))
-        top = int(r[2] * (gh - h + 1))
-        leftmost = int(torch.randint(0, gw - w + 1, (1,), generator=generator))
-        new = (~mask[top : top + h, leftmost : leftmost + w]).sum()
-        if 0 < new <= left:
-            mask[top : top + h, leftmost : leftmost + w] = True
-    return mask
-
-
-def grid_keep(grid: tuple[int, int], mask_ratio: float) -> torch.Tensor:
-    """MAE's grid sampling (Figure 6): keep one patch in every s x s cell, with s chosen so that
-    1 - 1/s^2 = mask_ratio (0.75 -> s = 2). -> (gh, gw) bool, True = visible."""
-    s = round(1 / math.sqrt(1 - mask_ratio))
-    if s < 2 or abs((1 - 1 / s**2) - mask_ratio) > 1e-6:
-        raise ValueError(
-            f"grid masking keeps one patch per s x s cell, so its mask ratio is 1 - 1/s^2 "
-            f"(0.75, 0.889, 0.9375, ...), got {mask_ratio}"
-        )
-    gh, gw = grid
-    if gh % s or gw % s:
-        raise ValueError(f"grid masking with {s}x{s} cells needs a patch grid divisible by {s}, got {gh}x{gw}")
-    keep = torch.zeros(gh, gw, dtype=torch.bool)
-    keep[::s, ::s] = True
-    return keep
-
-
-def masking_noise(
-    strategy: str, batch: int, grid: tuple[int, int], mask_ratio: float, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """Noise (B, gh*gw) for `random_masking` that realises one of MAE's mask samplings (Table 1f):
-    "random" (uniform), "block" (BEiT rectangles) or "grid" (a regular lattice).
-
-    Structured strategies give the patches to hide noise >= 1 and the others noise < 1, so
-    `random_masking` hides exactly them (and keeps its fixed K, padding at random if needed).
-    """
-    gh, gw = grid
-    L = gh * gw
-    keep = num_kept(L, mask_ratio)
-    jitter = torch.rand(batch, L, generator=generator)
-    if strategy == "random":
-        return jitter
-    if strategy == "block":
-        hidden = torch.stack([block_mask(grid, L - keep, generator=generator).flatten() for _ in range(batch)])
-    elif strategy == "grid":
-        hidden = ~grid_keep(grid, mask_ratio).flatten().expand(batch, L)
-    else:
-        raise ValueError(f"unknown masking strategy {strategy!r}: use 'random', 'block' or 'grid'")
-    return hidden.float() + 0.5 * jitter
 
 
 def tube_masking(
@@ -204,16 +144,29 @@ def mae_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, norm_
     do not count: the paper's footnote in section 3 reports ~0.5% lower accuracy when they do. With no hidden
     patch at all (mask ratio 0) the loss is 0 rather than 0/0.
     """
+    _check_loss_shapes(pred, target, mask)
     if norm_pix:
         target = normalized_pixel_target(target)
-    per_patch = ((pred - target) ** 2).mean(dim=-1)  # (B, L)
-    return (per_patch * mask).sum() / mask.sum().clamp(min=1)
+    return masked_mean(((pred - target) ** 2).mean(dim=-1), mask)  # per-patch MSE (B, L)
 
 
 def simmim_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """SimMIM's L1 loss on the hidden patches only (Xie et al., 2022, eq. 1). Shapes as `mae_loss`."""
-    per_patch = (pred - target).abs().mean(dim=-1)  # (B, L)
+    _check_loss_shapes(pred, target, mask)
+    return masked_mean((pred - target).abs().mean(dim=-1), mask)  # per-patch L1 (B, L)
+
+
+def masked_mean(per_patch: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of a per-patch loss (B, L) over the hidden patches (mask 1); 0 when none is hidden."""
     return (per_patch * mask).sum() / mask.sum().clamp(min=1)
+
+
+def _check_loss_shapes(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> None:
+    if pred.ndim != 3 or pred.shape != target.shape or mask.shape != pred.shape[:2]:
+        raise ValueError(
+            f"expected pred and target of one shape (B, L, P) and a mask (B, L), got pred {tuple(pred.shape)}, "
+            f"target {tuple(target.shape)}, mask {tuple(mask.shape)}: the target is patchify(images, patch_size)"
+        )
 
 
 def paste_reconstruction(
@@ -254,13 +207,18 @@ class MAEConfig:
     eps: float = 1e-6
 
     def __post_init__(self) -> None:
+        if self.decoder_dim % self.decoder_num_heads != 0:
+            raise ValueError(
+                f"decoder width {self.decoder_dim} is not divisible by {self.decoder_num_heads} decoder heads: "
+                "change decoder_dim or decoder_num_heads"
+            )
         check_mask_ratio(self.mask_ratio)
         num_kept(self.grid[0] * self.grid[1], self.mask_ratio)
         self.encoder_config()  # validates the image and patch sizes
 
     @property
     def grid(self) -> tuple[int, int]:
-        (H, W), p = _pair(self.image_size), self.patch_size
+        (H, W), p = as_pair(self.image_size), self.patch_size
         return H // p, W // p
 
     def encoder_config(self) -> ViTConfig:
@@ -387,35 +345,26 @@ class MAE(nn.Module):
             )
         config = mae_config_from_hf(hf_config, **overrides)
         model = cls(config)
-        name = source if isinstance(source, str) else type(source).__name__
-        load_state_dict_checked(model, convert_hf_state_dict_mae(state, config), source=str(name))
+        load_state_dict_checked(model, convert_hf_state_dict_mae(state, config), source=source_name(source))
         return model
 
 
 def mae_config_from_hf(hf_config, **overrides) -> MAEConfig:
     """Translate a transformers ViTMAEConfig into an MAEConfig."""
-    if cfg(hf_config, "hidden_act", "gelu") != "gelu":
-        raise NotImplementedError("course_lib's MAE uses exact GELU")
-    dim, ddim = cfg(hf_config, "hidden_size"), cfg(hf_config, "decoder_hidden_size")
+    check_model_type(hf_config, ("vit_mae",), "MAE.from_hf")
+    require_gelu(hf_config, "MAE")
+    fields, ddim = encoder_fields(hf_config), cfg(hf_config, "decoder_hidden_size")
     kwargs = dict(
-        image_size=cfg(hf_config, "image_size"),
-        patch_size=cfg(hf_config, "patch_size"),
-        in_chans=cfg(hf_config, "num_channels", 3),
-        dim=dim,
-        depth=cfg(hf_config, "num_hidden_layers"),
-        num_heads=cfg(hf_config, "num_attention_heads"),
-        mlp_ratio=cfg(hf_config, "intermediate_size") / dim,
+        **fields,
+        mlp_ratio=cfg(hf_config, "intermediate_size") / fields["dim"],
         decoder_dim=ddim,
         decoder_depth=cfg(hf_config, "decoder_num_hidden_layers"),
         decoder_num_heads=cfg(hf_config, "decoder_num_attention_heads"),
         decoder_mlp_ratio=cfg(hf_config, "decoder_intermediate_size") / ddim,
         mask_ratio=cfg(hf_config, "mask_ratio", 0.75),
         norm_pix_loss=cfg(hf_config, "norm_pix_loss", False),
-        qkv_bias=cfg(hf_config, "qkv_bias", True),
-        eps=cfg(hf_config, "layer_norm_eps", 1e-12),
     )
-    kwargs.update(overrides)
-    return MAEConfig(**kwargs)
+    return MAEConfig(**{**kwargs, **overrides})
 
 
 # The decoder's blocks are spelled like the encoder's once their prefix is renamed; vit.py's
@@ -447,9 +396,14 @@ def mae_vit_huge(**kw) -> MAE:
     return mae_vit_base(**{**dict(patch_size=14, dim=1280, depth=32, num_heads=16), **kw})
 
 
-def mae_tiny(**kw) -> MAE:
-    """A course-sized MAE for 32x32 images that trains on a CPU in a minute."""
-    return MAE(MAEConfig(**{**dict(dim=128, depth=4, num_heads=4, decoder_dim=64, decoder_depth=1, decoder_num_heads=4), **kw}))
+def mae_scenes(**kw) -> MAE:
+    """The course's MAE for 32x32 scenes, the model of the shipped checkpoint mae_scenes.safetensors
+    (scripts/train_mae_scenes.py): patch 4, width 64, 4 + 2 blocks. Unnormalized pixel targets
+    (the paper's default in Table 1d), so that reconstructions show without borrowing each true
+    patch's mean and variance."""
+    base = dict(image_size=32, patch_size=4, dim=64, depth=4, num_heads=4, mlp_ratio=2.0, decoder_dim=64,
+                decoder_depth=2, decoder_num_heads=4, decoder_mlp_ratio=2.0, mask_ratio=0.75, norm_pix_loss=False)
+    return MAE(MAEConfig(**{**base, **kw}))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -469,7 +423,7 @@ class SimMIM(nn.Module):
         self.encoder = ViT(config)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, config.dim))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
-        ph, pw = _pair(config.patch_size)
+        ph, pw = as_pair(config.patch_size)
         self.head = nn.Linear(config.dim, ph * pw * config.in_chans)  # the one-layer prediction head
 
     def no_weight_decay(self) -> set[str]:
@@ -490,55 +444,3 @@ class SimMIM(nn.Module):
         x = torch.cat([cls.expand(B, -1, -1), x + patch_pos], dim=1)
         pred = self.head(_transformer(enc, x)[:, 1:])  # (B, L, p*p*C)
         return simmim_loss(pred, patchify(images, p), mask), pred, mask
-
-
-def encoder_tokens(num_patches: int, mask_ratio: float, method: str) -> int:
-    """Tokens one image sends through the encoder (CLS included): MAE 1 + K, SimMIM 1 + L."""
-    if method == "mae":
-        return 1 + num_kept(num_patches, mask_ratio)
-    if method == "simmim":
-        return 1 + num_patches
-    raise ValueError(f"method must be 'mae' or 'simmim', got {method!r}")
-
-
-# ----------------------------------------------------------------------------------------------
-# Evaluating the pretrained encoder: a linear probe
-# ----------------------------------------------------------------------------------------------
-@torch.no_grad()
-def probe_features(encoder: ViT, images: torch.Tensor, batch_size: int = 250) -> torch.Tensor:
-    """Frozen features of full (unmasked) images: [CLS, mean of patch tokens] -> (B, 2D)."""
-    was_training = encoder.training
-    encoder.eval()
-    out = []
-    for i in range(0, images.shape[0], batch_size):
-        tokens = encoder.forward_features(images[i : i + batch_size])  # (b, 1 + L, D)
-        out.append(torch.cat([tokens[:, 0], tokens[:, 1:].mean(dim=1)], dim=1))
-    encoder.train(was_training)
-    return torch.cat(out)
-
-
-def linear_probe(
-    train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor], weight_decay: float = 1e-3, steps: int = 100
-) -> float:
-    """Test accuracy of a softmax regression on frozen, standardized features (MAE section 4).
-
-    train/test: (features (N, F), labels (N,)). Full-batch L-BFGS from zero weights: the same
-    numbers on every run, and a second or two on a CPU.
-    """
-    (f_train, y_train), (f_test, y_test) = train, test
-    mean, std = f_train.mean(0), f_train.std(0) + 1e-6  # the paper puts a BatchNorm before the probe
-    a, b = (f_train - mean) / std, (f_test - mean) / std
-    num_classes = int(max(y_train.max(), y_test.max())) + 1
-    weight = torch.zeros(a.shape[1], num_classes, requires_grad=True)
-    bias = torch.zeros(num_classes, requires_grad=True)
-    opt = torch.optim.LBFGS([weight, bias], lr=1, max_iter=steps, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(a @ weight + bias, y_train) + weight_decay * weight.pow(2).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    with torch.no_grad():
-        return ((b @ weight + bias).argmax(-1) == y_test).float().mean().item()

@@ -12,6 +12,8 @@ def to_image(x) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         x = x.detach().float().cpu().numpy()
     x = np.asarray(x)
+    if x.ndim not in (2, 3):
+        raise ValueError(f"to_image shows one image, (C, H, W), (H, W, C) or (H, W), got shape {x.shape}: index the batch first")
     if x.ndim == 3 and x.shape[0] in (1, 3) and x.shape[-1] not in (1, 3):
         x = x.transpose(1, 2, 0)
     if x.dtype == np.uint8:

@@ -24,13 +24,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .hf import cfg, fuse_qkv, load_hf_checkpoint, rename_keys
-from .layers import DropPath, Mlp, attention, load_state_dict_checked
-from .vit import PatchEmbed, _pair
+from .hf import cfg, check_model_type, fuse_qkv, load_hf_checkpoint, rename_keys, require_gelu, source_name
+from .layers import Attention, DropPath, Mlp, PatchEmbed, as_pair, attention, load_state_dict_checked, merge_heads
 
 # ----------------------------------------------------------------------------------------------
 # The pure functions: windows, shift, mask, relative positions
 # ----------------------------------------------------------------------------------------------
+
+
+def _check_map(x: torch.Tensor, where: str) -> None:
+    if x.ndim != 4:
+        raise ValueError(f"{where} expects a channels-last feature map (B, H, W, C), got shape {tuple(x.shape)}")
 
 
 def window_partition(x: torch.Tensor, window_size: int) -> torch.Tensor:
@@ -39,6 +43,7 @@ def window_partition(x: torch.Tensor, window_size: int) -> torch.Tensor:
     x: (B, H, W, C) with H and W multiples of window_size -> (B * nW, M, M, C), nW = (H/M) * (W/M).
     Windows are ordered image by image, then row by row over the window grid.
     """
+    _check_map(x, "window_partition")
     B, H, W, C = x.shape
     M = window_size
     if H % M or W % M:
@@ -63,6 +68,7 @@ def window_reverse(windows: torch.Tensor, window_size: int, H: int, W: int) -> t
 def pad_to_window(x: torch.Tensor, window_size: int) -> torch.Tensor:
     """Zero-pad (B, H, W, C) at the bottom and right to multiples of the window size, as Swin
     does for feature maps that do not tile (the padded tokens are not masked, like the original)."""
+    _check_map(x, "pad_to_window")
     H, W = x.shape[1:3]
     pad_h, pad_w = -H % window_size, -W % window_size
     return F.pad(x, (0, 0, 0, pad_w, 0, pad_h)) if pad_h or pad_w else x
@@ -71,6 +77,7 @@ def pad_to_window(x: torch.Tensor, window_size: int) -> torch.Tensor:
 def cyclic_shift(x: torch.Tensor, shift: int) -> torch.Tensor:
     """Roll a (B, H, W, C) map up and left by `shift` (Swin Figure 4): the top rows and left
     columns wrap around to the bottom and right, so shifted windows become regular ones."""
+    _check_map(x, "cyclic_shift")
     return torch.roll(x, shifts=(-shift, -shift), dims=(1, 2)) if shift else x
 
 
@@ -109,6 +116,8 @@ def relative_position_index(window_size: int) -> torch.Tensor:
     both by M-1 and read the table row-major: (dy + M-1) * (2M-1) + (dx + M-1). Returns (M*M, M*M).
     """
     M = window_size
+    if M < 1:
+        raise ValueError(f"window_size must be at least 1, got {M}")
     ys, xs = torch.meshgrid(torch.arange(M), torch.arange(M), indexing="ij")
     coords = torch.stack([ys.flatten(), xs.flatten()])  # (2, M*M)
     rel = coords[:, :, None] - coords[:, None, :]  # (2, M*M, M*M), query minus key
@@ -148,24 +157,6 @@ def log_spaced_coords(window_size: int, pretrained_window_size: int = 0) -> torc
     return coords.reshape(-1, 2)
 
 
-def window_connectivity(H: int, W: int, window_size: int, shift: int) -> torch.Tensor:
-    """Which tokens exchange information in one (shifted-)window attention layer.
-
-    Returns a boolean (H*W, H*W), tokens numbered row-major on the original (unshifted) map:
-    entry [i, j] is True when token i attends to token j (same window, same mask region).
-    H and W must be multiples of the window.
-    """
-    M = window_size
-    ids = cyclic_shift(torch.arange(H * W).reshape(1, H, W, 1), shift)  # where each token lands
-    members = window_partition(ids, M).reshape(-1, M * M)  # (nW, M*M) original token ids
-    mask = shifted_window_mask(H, W, M, shift)  # (nW, M*M, M*M)
-    rows = members[:, :, None].expand_as(mask)
-    cols = members[:, None, :].expand_as(mask)
-    A = torch.zeros(H * W, H * W, dtype=torch.bool)
-    A[rows[mask], cols[mask]] = True
-    return A
-
-
 def window_and_shift(H: int, W: int, window_size: int, shift: int) -> tuple[int, int]:
     """The window and shift a block really uses on an H x W map: a map not larger than the window
     is one window and needs no shift (Swin's rule, also its official code)."""
@@ -180,24 +171,18 @@ def merge_patches(x: torch.Tensor) -> torch.Tensor:
     Order (row, col) = (0,0), (1,0), (0,1), (1,1), the order of the official code: pretrained
     reduction weights depend on it. Odd sizes are zero-padded at the bottom/right.
     """
+    _check_map(x, "merge_patches")
     H, W = x.shape[1:3]
     x = F.pad(x, (0, 0, 0, W % 2, 0, H % 2))
     return torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
 
 
-def attention_flops(H: int, W: int, C: int, window_size: int | None = None) -> int:
-    """Multiply-adds of one attention layer on an H x W map of width C (Swin eq. 1-2):
-    global 4hwC^2 + 2(hw)^2 C; windowed 4hwC^2 + 2 M^2 hw C."""
-    hw = H * W
-    mixing = 2 * hw * hw * C if window_size is None else 2 * window_size**2 * hw * C
-    return 4 * hw * C * C + mixing
-
-
 # ----------------------------------------------------------------------------------------------
 # Modules
 # ----------------------------------------------------------------------------------------------
-class WindowAttention(nn.Module):
-    """Multi-head attention inside windows with a relative position bias.
+class WindowAttention(Attention):
+    """Multi-head self-attention inside windows with a relative position bias: the course's
+    `layers.Attention` (fused qkv, the same heads and the same `attention` function) plus a bias.
 
     V1: softmax(q k^T / sqrt(d) + B + mask) v, B gathered from a ((2M-1)^2, heads) table.
     V2: softmax(cos(q, k) * tau + 16 sigmoid(CPB) + mask) v, tau = exp(min(logit_scale, ln 100)),
@@ -206,23 +191,24 @@ class WindowAttention(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, window_size: int, qkv_bias: bool = True,
                  version: int = 1, pretrained_window_size: int = 0):
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"width {dim} is not divisible by {num_heads} heads: choose heads that divide it")
-        self.num_heads, self.head_dim, self.window_size = num_heads, dim // num_heads, window_size
-        self.version, self.pretrained_window_size = version, pretrained_window_size
-        self.use_sdpa = True
+        super().__init__(dim, num_heads, qkv_bias=qkv_bias and version == 1)
+        self.window_size, self.version, self.pretrained_window_size = window_size, version, pretrained_window_size
         if version == 1:
-            self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
             self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
             nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
         else:
-            self.qkv = nn.Linear(dim, 3 * dim, bias=False)
             self.q_bias = nn.Parameter(torch.zeros(dim)) if qkv_bias else None
             self.v_bias = nn.Parameter(torch.zeros(dim)) if qkv_bias else None
             self.logit_scale = nn.Parameter(torch.full((num_heads, 1, 1), math.log(10.0)))
             self.cpb_mlp = nn.Sequential(nn.Linear(2, 512), nn.ReLU(), nn.Linear(512, num_heads, bias=False))
-        self.proj = nn.Linear(dim, dim)
+
+    def qkv_heads(self, x: torch.Tensor) -> torch.Tensor:
+        if self.version == 1 or self.q_bias is None:
+            return super().qkv_heads(x)
+        B, L, _ = x.shape
+        bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])  # V2: no k bias
+        qkv = F.linear(x, self.qkv.weight, bias).reshape(B, L, 3, self.num_heads, self.head_dim)
+        return qkv.permute(2, 0, 3, 1, 4)  # (B, L, 3, h, d) -> (3, B, h, L, d)
 
     def position_bias(self, window_size: int) -> torch.Tensor:
         """(heads, M*M, M*M) bias for windows of side `window_size`."""
@@ -237,11 +223,7 @@ class WindowAttention(nn.Module):
         """x: (B*nW, M*M, C) windows; mask: boolean (nW, M*M, M*M) or None.
         Returns (out (B*nW, M*M, C), weights (B*nW, heads, M*M, M*M) or None)."""
         BnW, N, C = x.shape
-        bias = None
-        if self.version == 2 and self.q_bias is not None:
-            bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
-        qkv = F.linear(x, self.qkv.weight, bias if self.version == 2 else self.qkv.bias)
-        q, k, v = qkv.reshape(BnW, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B*nW, h, N, d)
+        q, k, v = self.qkv_heads(x)  # 3 x (B*nW, h, N, d)
         if self.version == 2:
             tau = torch.clamp(self.logit_scale, max=math.log(100.0)).exp()  # (h, 1, 1)
             # attention() divides by sqrt(d); pre-multiplying q gives cos(q, k) * tau exactly.
@@ -253,7 +235,7 @@ class WindowAttention(nn.Module):
             add = add + torch.zeros_like(mask, dtype=add.dtype).masked_fill(~mask, float("-inf"))[:, None]  # (nW, h, N, N)
             q, k, v = (t.reshape(BnW // nW, nW, self.num_heads, N, self.head_dim) for t in (q, k, v))
         out, weights = attention(q, k, v, add, use_sdpa=self.use_sdpa and not return_weights)
-        out = out.reshape(BnW, self.num_heads, N, self.head_dim).transpose(1, 2).reshape(BnW, N, C)
+        out = merge_heads(out.reshape(BnW, self.num_heads, N, self.head_dim))  # (B*nW, h, N, d) -> (B*nW, N, C)
         if weights is not None:
             weights = weights.reshape(BnW, self.num_heads, N, N)
         return self.proj(out), weights
@@ -358,6 +340,11 @@ class SwinConfig:
 
     def __post_init__(self) -> None:
         self.depths, self.num_heads = tuple(self.depths), tuple(self.num_heads)
+        for name in ("patch_size", "in_chans", "embed_dim"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if not all(isinstance(v, int) and v >= 1 for v in self.depths + self.num_heads):
+            raise ValueError(f"depths {self.depths} and num_heads {self.num_heads} must be positive integers")
         if len(self.depths) != len(self.num_heads):
             raise ValueError(f"depths {self.depths} and num_heads {self.num_heads} must list one entry per stage")
         if self.version not in (1, 2):
@@ -371,7 +358,7 @@ class SwinConfig:
         if len(pws) != len(self.depths):
             raise ValueError(f"pretrained_window_sizes {pws} must have one entry per stage ({len(self.depths)})")
         self.pretrained_window_sizes = tuple(pws)
-        H, W = _pair(self.image_size)
+        H, W = as_pair(self.image_size)
         if H % self.patch_size or W % self.patch_size:
             raise ValueError(f"image size {H}x{W} is not divisible by the patch size {self.patch_size}")
 
@@ -389,7 +376,7 @@ class Swin(nn.Module):
         self.config = c = config
         self.patch_embed = PatchEmbed(c.patch_size, c.in_chans, c.embed_dim)
         self.patch_norm = nn.LayerNorm(c.embed_dim, eps=c.eps)
-        dpr = torch.linspace(0, c.drop_path, sum(c.depths)).tolist()  # stochastic depth grows with depth
+        dpr = torch.linspace(0, c.drop_path, sum(c.depths), device="cpu").tolist()  # stochastic depth grows with depth
         self.stages = nn.ModuleList()
         for i, (depth, heads) in enumerate(zip(c.depths, c.num_heads)):
             start = sum(c.depths[:i])
@@ -445,7 +432,7 @@ class Swin(nn.Module):
         if cls is SwinV2 and config.version != 2:
             raise ValueError("this is a Swin V1 checkpoint: load it with Swin.from_hf")
         model = (SwinV2 if config.version == 2 else Swin)(config)
-        load_state_dict_checked(model, convert_hf_state_dict(state, config), source=source if isinstance(source, str) else type(source).__name__)
+        load_state_dict_checked(model, convert_hf_state_dict(state, config), source=source_name(source))
         return model
 
 
@@ -462,13 +449,10 @@ class SwinV2(Swin):
 # ----------------------------------------------------------------------------------------------
 def config_from_hf(hf_config, state: dict[str, torch.Tensor], **overrides) -> SwinConfig:
     """Translate a transformers SwinConfig / Swinv2Config into a SwinConfig."""
-    model_type = cfg(hf_config, "model_type", "swin")
-    if model_type not in ("swin", "swinv2"):
-        raise ValueError(f"expected a Swin or Swin V2 checkpoint, got model_type {model_type!r}")
+    model_type = check_model_type(hf_config, ("swin", "swinv2"), "Swin.from_hf")
     if cfg(hf_config, "use_absolute_embeddings", False):
         raise NotImplementedError("Swin with absolute position embeddings is not implemented in course_lib")
-    if cfg(hf_config, "hidden_act", "gelu") != "gelu":
-        raise NotImplementedError(f"activation {cfg(hf_config, 'hidden_act')!r}: course_lib's Swin uses exact GELU")
+    require_gelu(hf_config, "Swin")
     head = state.get("classifier.weight")
     patch = cfg(hf_config, "patch_size")
     kwargs = dict(
@@ -487,8 +471,7 @@ def config_from_hf(hf_config, state: dict[str, torch.Tensor], **overrides) -> Sw
         # transformers' default is four zeros whatever the number of stages
         pretrained_window_sizes=tuple(cfg(hf_config, "pretrained_window_sizes", None) or ())[: len(cfg(hf_config, "depths"))] or None,
     )
-    kwargs.update(overrides)
-    return SwinConfig(**kwargs)
+    return SwinConfig(**{**kwargs, **overrides})
 
 
 # Both spellings of transformers 5.x: in memory (q_proj, relative_position_bias.*, mlp.fc1) and on

@@ -2,7 +2,9 @@
 linear warmup then cosine decay, a progress bar, and a history of loss, accuracy and images/s.
 
 The loss is pluggable: `loss_fn(model, batch) -> (loss, n_correct or None)`, so that MAE, DINO
-and CLIP lectures train with the same loop as the classifiers.
+and CLIP lectures train with the same loop as the classifiers (their loss_fns live in
+`course_lib.recipes`), and `after_step` runs what a recipe does between steps. Several processes
+under torchrun: `course_lib.distributed` wraps, shards and sums; `fit` only calls it.
 """
 
 from __future__ import annotations
@@ -13,10 +15,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from .distributed import distributed_info, shard_batch, sum_over_processes, wrap_distributed
 from .layers import param_groups
 from .utils import autocast, get_device
 
@@ -44,6 +46,8 @@ def classification_loss(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, t
 
 def cosine_schedule(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
     """Learning-rate multiplier: linear warmup to 1, then cosine decay to 0."""
+    if total_steps < 1 or not 0 <= warmup_steps <= total_steps:
+        raise ValueError(f"need total_steps >= 1 and 0 <= warmup_steps <= total_steps, got {total_steps} and {warmup_steps}")
 
     def factor(step: int) -> float:
         if step < warmup_steps:
@@ -56,6 +60,8 @@ def cosine_schedule(total_steps: int, warmup_steps: int) -> Callable[[int], floa
 
 def batches(tensors: Batch, batch_size: int, shuffle: bool, generator: torch.Generator | None = None):
     """Minibatches of a tuple of equal-length tensors (no DataLoader worker overhead on CPU)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     n = tensors[0].shape[0]
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
     for i in range(0, n, batch_size):
@@ -78,6 +84,7 @@ class _LossModule(nn.Module):
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Batch, batch_size: int = 256, loss_fn=classification_loss, device=None) -> float:
     """Accuracy of `model` on (images, labels)."""
+    _check_data(data, "data")
     device = device or next(model.parameters()).device
     return _accuracy(model, _LossModule(model, loss_fn), data, batch_size, device)
 
@@ -126,45 +133,6 @@ def extract_features(
     return torch.cat(out)
 
 
-def distributed_info() -> tuple[int, int]:
-    """(rank, world size) of this process: (0, 1) unless torch.distributed is initialised."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def wrap_distributed(model: nn.Module, strategy: str, device: torch.device) -> nn.Module:
-    """Wrap `model` for data-parallel training on the process group that torchrun set up.
-
-    "ddp": every process holds the whole model; gradients are averaged across processes
-    (DistributedDataParallel). "fsdp": parameters, gradients and optimizer state are sharded
-    across processes and gathered block by block when needed (FSDP2's `fully_shard`), for models
-    that do not fit in one device's memory.
-    """
-    if strategy == "ddp":
-        from torch.nn.parallel import DistributedDataParallel
-
-        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if strategy == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-
-        inner = model.model if isinstance(model, _LossModule) else model
-        for module in inner.modules():  # shard each transformer block, then the rest
-            if hasattr(module, "attn") and hasattr(module, "mlp"):
-                fully_shard(module)
-        fully_shard(inner)  # gathers on inner.forward: the loss must call model(...)
-        return model
-    raise ValueError(f"strategy must be 'ddp' or 'fsdp', got {strategy!r}")
-
-
-def _shard(batch: Batch, rank: int, world: int) -> tuple[Batch, float]:
-    """This process's slice of a global batch, and the weight that makes the average of the
-    per-process mean losses equal to the mean loss of the global batch (slices may differ by one)."""
-    n = batch[0].shape[0]
-    lo, hi = n * rank // world, n * (rank + 1) // world
-    return tuple(t[lo:hi] for t in batch), (hi - lo) * world / n
-
-
 def fit(
     model: nn.Module,
     data: Batch,
@@ -210,40 +178,29 @@ def fit(
     """
     from tqdm.auto import tqdm
 
-    if not isinstance(data, (tuple, list)) or not all(isinstance(t, torch.Tensor) for t in data):
-        raise TypeError("fit expects data as a tuple of tensors, e.g. (images, labels)")
-    if len({t.shape[0] for t in data}) != 1:
-        raise ValueError(f"the tensors in data have different lengths: {[t.shape[0] for t in data]}")
+    _check_fit_args(model, data, epochs, batch_size, lr, warmup, eval_data)
     rank, world = distributed_info()
     if world > 1 and batch_size < world:
         raise ValueError(f"batch_size {batch_size} is smaller than the number of processes ({world}): each needs at least one image")
     device = get_device(device) if not isinstance(device, torch.device) else device
-    memory_format = torch.channels_last if channels_last else torch.preserve_format
-    model.to(device, memory_format=memory_format).train()
+    model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format).train()
     step_fn: nn.Module = _LossModule(model, loss_fn)
     if world > 1:
-        step_fn = wrap_distributed(step_fn, strategy, device)
+        step_fn = wrap_distributed(step_fn, strategy, device, model)
     if compile:
         step_fn = torch.compile(step_fn)
-    fused = device.type == "cuda" if fused is None else fused
-    opt = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, fused=fused)
-    steps_per_epoch = math.ceil(data[0].shape[0] / batch_size)
-    total = epochs * steps_per_epoch
+    opt = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, fused=device.type == "cuda" if fused is None else fused)
+    total = epochs * math.ceil(data[0].shape[0] / batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_schedule(total, int(warmup * total)))
     gen = torch.Generator().manual_seed(seed)  # the same on every process: same global batches
-    hist = History()
-    seen, start, step = 0, time.perf_counter(), 0
+    hist, seen, step, start = History(), 0, 0, time.perf_counter()
     bar = tqdm(total=total, desc="training", disable=not progress or rank > 0, leave=True)
     for epoch in range(epochs):
         correct, count = 0, 0
         for batch in batches(tuple(data), batch_size, shuffle=True, generator=gen):
             n_global = batch[0].shape[0]
-            batch, weight = _shard(batch, rank, world)
-            batch = tuple(t.to(device, non_blocking=True) for t in batch)
-            if augment is not None:
-                batch = (augment(batch[0]),) + batch[1:]
-            if channels_last and batch[0].dim() == 4:
-                batch = (batch[0].contiguous(memory_format=torch.channels_last),) + batch[1:]
+            batch, weight = shard_batch(batch, rank, world)  # this process's slice
+            batch = _to_device(batch, device, augment, channels_last)
             with autocast(device):
                 loss, c = step_fn(*batch)
             opt.zero_grad(set_to_none=True)
@@ -260,11 +217,11 @@ def fit(
                     after_step(step, total)
             seen += n_global
             if c is not None:
-                correct, count = correct + int(_sum_over_processes(c, device)), count + n_global
+                correct, count = correct + int(sum_over_processes(c, device)), count + n_global
             if log:
                 hist.step.append(step)
                 hist.grad_norm.append(float(norm))
-                hist.loss.append(float(_sum_over_processes(loss.detach().float() * weight, device)) / world)
+                hist.loss.append(float(sum_over_processes(loss.detach().float() * weight, device)) / world)
                 bar.set_postfix(loss=f"{hist.loss[-1]:.3f}")
             bar.update(1)
         if count:
@@ -278,20 +235,39 @@ def fit(
     return hist
 
 
-def _sum_over_processes(x: torch.Tensor | int, device: torch.device) -> torch.Tensor | int:
-    """Sum of a scalar over all processes (itself when there is one)."""
-    if distributed_info()[1] == 1:
-        return x
-    x = torch.as_tensor(x, dtype=torch.float64, device=device).clone()
-    dist.all_reduce(x)
-    return x
+def _to_device(batch: Batch, device: torch.device, augment, channels_last: bool) -> Batch:
+    """Move a batch to the device, augment its images, store them channels-last if asked."""
+    batch = tuple(t.to(device, non_blocking=True) for t in batch)
+    if augment is not None:
+        batch = (augment(batch[0]),) + batch[1:]
+    if channels_last and batch[0].dim() == 4:
+        batch = (batch[0].contiguous(memory_format=torch.channels_last),) + batch[1:]
+    return batch
 
 
-def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's complete weights on the CPU, also when FSDP has sharded them across processes
-    (every process must call it; save the result on rank 0)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+def _check_data(data, name: str) -> None:
+    if not isinstance(data, (tuple, list)) or not data or not all(isinstance(t, torch.Tensor) for t in data):
+        raise TypeError(f"{name} must be a tuple of tensors, e.g. (images, labels) or (images,), got {type(data).__name__}")
+    lengths = [t.shape[0] if t.ndim else 0 for t in data]
+    if len(set(lengths)) != 1:
+        raise ValueError(f"the tensors in {name} have different lengths: {lengths}; one row per example in each")
+    if lengths[0] == 0:
+        raise ValueError(f"{name} is empty (0 examples): nothing to train or evaluate on; check the dataset split and its size")
 
-    if distributed_info()[1] == 1:
-        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+def _check_fit_args(model, data, epochs, batch_size, lr, warmup, eval_data) -> None:
+    """Clear errors for what would otherwise fail deep inside the loop (or silently not train)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fit trains an nn.Module, got {type(model).__name__}")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError("the model has no trainable parameters (all frozen?): unfreeze the parts to train")
+    _check_data(data, "data")
+    if eval_data is not None:
+        _check_data(eval_data, "eval_data")
+    for name, value in (("epochs", epochs), ("batch_size", batch_size)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if not lr > 0:
+        raise ValueError(f"lr must be positive, got {lr}")
+    if not 0 <= warmup < 1:
+        raise ValueError(f"warmup is a fraction of the training steps in [0, 1), got {warmup}")

@@ -12,7 +12,10 @@ import torch
 def get_device(prefer: str | None = None) -> torch.device:
     """The best available device: CUDA, then Apple's MPS, then the CPU (or `prefer` if given)."""
     if prefer is not None:
-        return torch.device(prefer)
+        try:
+            return torch.device(prefer)
+        except RuntimeError as err:
+            raise ValueError(f"unknown device {prefer!r}: use 'cpu', 'cuda', 'cuda:1' or 'mps' ({err})") from None
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
@@ -30,6 +33,8 @@ def autocast(device: torch.device | str, enabled: bool = True) -> contextlib.Abs
 
 def seed_everything(seed: int = 0) -> None:
     """Seed Python, NumPy and PyTorch so that a notebook prints the same numbers every run."""
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise TypeError(f"the seed must be a non-negative integer, got {seed!r}")
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -45,7 +50,22 @@ def freeze(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def count_params(model: torch.nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters (only those that train, with trainable_only=True)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def count_macs(model: torch.nn.Module, input_shape: tuple[int, ...]) -> int:
+    """Multiply-accumulates of one forward pass (what papers report as "FLOPs"), counted by
+    torch's FLOP counter on a zero input; norms and activations are not counted."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    param = next(model.parameters())
+    was_training = model.training
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model.eval()(torch.zeros(input_shape, dtype=param.dtype, device=param.device))
+    model.train(was_training)
+    return counter.get_total_flops() // 2
 
 
 # ----------------------------------------------------------------------------------------------
@@ -62,6 +82,11 @@ def save_checkpoint(model: torch.nn.Module, path, **metadata: str) -> None:
 
     from safetensors.torch import save_file
 
+    if not dataclasses.is_dataclass(getattr(model, "config", None)):
+        raise TypeError(
+            f"save_checkpoint stores model.config (a dataclass) beside the weights, and this "
+            f"{type(model).__name__} has none: save a course_lib model, or its state_dict with safetensors"
+        )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}

@@ -14,22 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .hf import cfg, fuse_qkv, load_hf_checkpoint, rename_keys
-from .layers import Block, load_state_dict_checked, resample_pos_embed, sincos_2d_pos_embed
-
-
-def _pair(x: int | tuple[int, int]) -> tuple[int, int]:
-    return (x, x) if isinstance(x, int) else (int(x[0]), int(x[1]))
-
-
-def _check_divisible(height: int, width: int, patch: tuple[int, int]) -> None:
-    for name, size, p in (("height", height, patch[0]), ("width", width, patch[1])):
-        if size % p != 0:
-            fixed = (size // p + 1) * p
-            raise ValueError(
-                f"image {name} {size} is not divisible by the patch size {p}: "
-                f"resize or pad the images to {fixed} (or {size - size % p}), or pick a patch size that divides {size}"
-            )
+from .hf import cfg, check_model_type, encoder_fields, fuse_qkv, load_hf_checkpoint, rename_keys, require_gelu, source_name
+from .layers import (  # noqa: F401  (PatchEmbed: ViT's patch embedding, shared with Swin)
+    Block, PatchEmbed, as_pair, check_image_size, check_positive, load_state_dict_checked, resample_pos_embed,
+    sincos_2d_pos_embed,
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -44,9 +33,9 @@ def patchify(images: torch.Tensor, patch_size: int | tuple[int, int]) -> torch.T
     """
     if images.ndim != 4:
         raise ValueError(f"patchify expects (B, C, H, W) images, got shape {tuple(images.shape)}")
-    ph, pw = _pair(patch_size)
+    ph, pw = as_pair(patch_size)
     B, C, H, W = images.shape
-    _check_divisible(H, W, (ph, pw))
+    check_image_size(H, W, (ph, pw))
     x = images.reshape(B, C, H // ph, ph, W // pw, pw)  # (B, C, gh, ph, gw, pw)
     x = x.permute(0, 2, 4, 3, 5, 1)  # (B, gh, gw, ph, pw, C)
     return x.reshape(B, (H // ph) * (W // pw), ph * pw * C)
@@ -56,9 +45,9 @@ def unpatchify(
     patches: torch.Tensor, patch_size: int | tuple[int, int], image_size: int | tuple[int, int], channels: int = 3
 ) -> torch.Tensor:
     """The exact inverse of `patchify`: (B, N, p_h * p_w * C) -> (B, C, H, W)."""
-    ph, pw = _pair(patch_size)
-    H, W = _pair(image_size)
-    _check_divisible(H, W, (ph, pw))
+    ph, pw = as_pair(patch_size)
+    H, W = as_pair(image_size)
+    check_image_size(H, W, (ph, pw))
     B, N, D = patches.shape
     gh, gw = H // ph, W // pw
     if N != gh * gw or D != ph * pw * channels:
@@ -68,34 +57,6 @@ def unpatchify(
         )
     x = patches.reshape(B, gh, gw, ph, pw, channels).permute(0, 5, 1, 3, 2, 4)  # (B, C, gh, ph, gw, pw)
     return x.reshape(B, channels, H, W)
-
-
-class PatchEmbed(nn.Module):
-    """Patch embedding as a strided convolution: kernel = stride = patch size.
-
-    This is the same linear map as `patchify` followed by nn.Linear (see `as_linear`), computed
-    in one fused op.
-    """
-
-    def __init__(self, patch_size: int | tuple[int, int], in_chans: int, dim: int):
-        super().__init__()
-        self.patch_size = _pair(patch_size)
-        self.in_chans = in_chans
-        self.proj = nn.Conv2d(in_chans, dim, kernel_size=self.patch_size, stride=self.patch_size)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if images.ndim != 4 or images.shape[1] != self.in_chans:
-            raise ValueError(
-                f"expected images of shape (B, {self.in_chans}, H, W), got {tuple(images.shape)}"
-                + (" (channels-last? use images.permute(0, 3, 1, 2))" if images.ndim == 4 and images.shape[-1] == self.in_chans else "")
-            )
-        _check_divisible(images.shape[2], images.shape[3], self.patch_size)
-        return self.proj(images).flatten(2).transpose(1, 2)  # (B, D, gh, gw) -> (B, N, D)
-
-    def as_linear(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The conv weight as a (D, p*p*C) matrix matching `patchify`'s (row, col, channel) order."""
-        w = self.proj.weight  # (D, C, ph, pw)
-        return w.permute(0, 2, 3, 1).reshape(w.shape[0], -1), self.proj.bias
 
 
 # ----------------------------------------------------------------------------------------------
@@ -125,18 +86,33 @@ class ViTConfig:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        for name in ("in_chans", "dim", "depth", "num_heads"):
+            check_positive(name, getattr(self, name))
+        for name in ("num_classes", "num_registers"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
+        if self.dim % self.num_heads != 0:
+            raise ValueError(
+                f"width {self.dim} is not divisible by {self.num_heads} heads: each head takes dim / num_heads "
+                f"channels; pick num_heads from {[h for h in range(1, 17) if self.dim % h == 0]} or change dim"
+            )
+        if not self.mlp_ratio > 0:
+            raise ValueError(f"mlp_ratio must be positive (the MLP's hidden width is mlp_ratio * dim), got {self.mlp_ratio}")
+        for name in ("drop_path", "dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} is a probability in [0, 1), got {getattr(self, name)}")
         if self.pos_embed not in ("learned", "sincos", "none"):
             raise ValueError(f"pos_embed must be 'learned', 'sincos' or 'none', got {self.pos_embed!r}")
         if self.pool not in ("cls", "mean"):
             raise ValueError(f"pool must be 'cls' or 'mean', got {self.pool!r}")
         if self.pool == "cls" and not self.class_token:
             raise ValueError("pool='cls' needs class_token=True; use pool='mean' without a CLS token")
-        H, W = _pair(self.image_size)
-        _check_divisible(H, W, _pair(self.patch_size))
+        H, W = as_pair(self.image_size)
+        check_image_size(H, W, as_pair(self.patch_size))
 
     @property
     def grid(self) -> tuple[int, int]:
-        (H, W), (ph, pw) = _pair(self.image_size), _pair(self.patch_size)
+        (H, W), (ph, pw) = as_pair(self.image_size), as_pair(self.patch_size)
         return H // ph, W // pw
 
     @property
@@ -158,7 +134,7 @@ class ViT(nn.Module):
         n_pos = c.num_prefix_tokens + c.grid[0] * c.grid[1]
         self.pos_embed = nn.Parameter(torch.zeros(1, n_pos, c.dim)) if c.pos_embed == "learned" else None
         self.pos_drop = nn.Dropout(c.dropout)
-        dpr = torch.linspace(0, c.drop_path, c.depth).tolist()  # stochastic depth grows with depth
+        dpr = torch.linspace(0, c.drop_path, c.depth, device="cpu").tolist()  # stochastic depth grows with depth
         self.blocks = nn.ModuleList(
             Block(c.dim, c.num_heads, int(c.dim * c.mlp_ratio), c.qkv_bias, c.eps, c.layer_scale, dpr[i], c.dropout)
             for i in range(c.depth)
@@ -267,42 +243,32 @@ class ViT(nn.Module):
         hf_config, state = load_hf_checkpoint(source)
         config = config_from_hf(hf_config, state, **overrides)
         model = cls(config)
-        load_state_dict_checked(model, convert_hf_state_dict(state, config), source=str(type(source).__name__ if not isinstance(source, str) else source))
+        load_state_dict_checked(model, convert_hf_state_dict(state, config), source=source_name(source))
         return model
 
 
 def config_from_hf(hf_config, state: dict[str, torch.Tensor], **overrides) -> ViTConfig:
-    """Translate a transformers ViT/DeiT/DINOv2 config into a ViTConfig."""
-    model_type = cfg(hf_config, "model_type", "vit")
-    dim = cfg(hf_config, "hidden_size")
+    """Translate a transformers ViT/DeiT/DINOv2 (or ViTMAE encoder) config into a ViTConfig."""
+    model_type = check_model_type(hf_config, ("vit", "deit", "dinov2", "dinov2_with_registers", "vit_mae", "vit_msn"), "ViT.from_hf")
+    require_gelu(hf_config, "ViT")
+    fields = encoder_fields(hf_config)
     if model_type.startswith("dinov2"):
         mlp_ratio = cfg(hf_config, "mlp_ratio", 4)
         if cfg(hf_config, "use_swiglu_ffn", False):
             raise NotImplementedError("DINOv2 giant's SwiGLU feed-forward is not implemented in course_lib")
     else:
-        mlp_ratio = cfg(hf_config, "intermediate_size") / dim
+        mlp_ratio = cfg(hf_config, "intermediate_size") / fields["dim"]
     head = next((k for k in state if k.endswith("classifier.weight") or k.endswith("cls_classifier.weight")), None)
     kwargs = dict(
-        image_size=cfg(hf_config, "image_size"),
-        patch_size=cfg(hf_config, "patch_size"),
-        in_chans=cfg(hf_config, "num_channels", 3),
+        **fields,
         num_classes=state[head].shape[0] if head else 0,
-        dim=dim,
-        depth=cfg(hf_config, "num_hidden_layers"),
-        num_heads=cfg(hf_config, "num_attention_heads"),
         mlp_ratio=mlp_ratio,
-        qkv_bias=cfg(hf_config, "qkv_bias", True),
         num_registers=cfg(hf_config, "num_register_tokens", 0) if model_type == "dinov2_with_registers" else 0,
         distilled=model_type == "deit",
         layer_scale=cfg(hf_config, "layerscale_value", 1.0) if model_type.startswith("dinov2") else None,
-        eps=cfg(hf_config, "layer_norm_eps", 1e-12),
         pos_antialias=model_type == "dinov2_with_registers",
     )
-    act = cfg(hf_config, "hidden_act", "gelu")
-    if act != "gelu":
-        raise NotImplementedError(f"activation {act!r}: course_lib's ViT uses exact GELU")
-    kwargs.update(overrides)
-    return ViTConfig(**kwargs)
+    return ViTConfig(**{**kwargs, **overrides})
 
 
 # Both spellings of transformers 5.x: in memory (first group) and on disk (second group).
@@ -339,18 +305,46 @@ def convert_hf_state_dict(state: dict[str, torch.Tensor], config: ViTConfig) -> 
 
 
 # ----------------------------------------------------------------------------------------------
-# Sizes (ViT paper Table 1, DeiT Table 1) and DeiT's loss
+# Sizes: the papers' models (ViT Table 1, DeiT Table 1) at 224 px with 16 x 16 patches and the
+# 1,000 ImageNet classes, as everywhere else in the field; and the course's model for its scenes
 # ----------------------------------------------------------------------------------------------
+_IMAGENET = dict(image_size=224, patch_size=16, num_classes=1000, eps=1e-6)
+
+
+def _vit(dim: int, depth: int, num_heads: int, **kw) -> ViT:
+    return ViT(ViTConfig(**{**_IMAGENET, "dim": dim, "depth": depth, "num_heads": num_heads, **kw}))
+
+
 def vit_tiny(**kw) -> ViT:
-    return ViT(ViTConfig(**{**dict(dim=192, depth=12, num_heads=3), **kw}))
+    """ViT-Ti/16 (DeiT-Ti): width 192, 12 blocks, 3 heads; 5.7M parameters."""
+    return _vit(192, 12, 3, **kw)
 
 
 def vit_small(**kw) -> ViT:
-    return ViT(ViTConfig(**{**dict(dim=384, depth=12, num_heads=6), **kw}))
+    """ViT-S/16 (DeiT-S): width 384, 12 blocks, 6 heads; 22.1M parameters."""
+    return _vit(384, 12, 6, **kw)
 
 
 def vit_base(**kw) -> ViT:
-    return ViT(ViTConfig(**{**dict(dim=768, depth=12, num_heads=12), **kw}))
+    """ViT-B/16: width 768, 12 blocks, 12 heads; 86.6M parameters (ViT Table 1: 86M)."""
+    return _vit(768, 12, 12, **kw)
+
+
+def vit_large(**kw) -> ViT:
+    """ViT-L/16: width 1024, 24 blocks, 16 heads; 304M parameters (ViT Table 1: 307M)."""
+    return _vit(1024, 24, 16, **kw)
+
+
+def vit_huge(**kw) -> ViT:
+    """ViT-H/14: width 1280, 32 blocks, 16 heads, 14 x 14 patches; 632M parameters."""
+    return _vit(1280, 32, 16, **{"patch_size": 14, **kw})
+
+
+def vit_scenes(**kw) -> ViT:
+    """The course's ViT for its 32x32 scenes (5 shape classes), the model of the shipped checkpoint
+    vit_scenes.safetensors (scripts/train_vit_scenes.py): 4 x 4 patches, width 64, 4 blocks."""
+    base = dict(image_size=32, patch_size=4, num_classes=5, dim=64, depth=4, num_heads=4, mlp_ratio=2.0)
+    return ViT(ViTConfig(**{**base, **kw}))
 
 
 def deit_hard_distillation_loss(

@@ -34,12 +34,13 @@ import torch
 import torch.distributed as dist
 
 from course_lib import convnext, data, swin, vit
-from course_lib.train import distributed_info, evaluate, fit, full_state_dict
+from course_lib.distributed import distributed_info, full_state_dict
+from course_lib.train import evaluate, fit
 from course_lib.utils import get_device, seed_everything
 
 MODELS = {
     # the course's CPU-sized models for 32x32 scenes
-    "vit_scenes": lambda n: vit.ViT(vit.ViTConfig(image_size=32, patch_size=4, num_classes=n, dim=64, depth=4, num_heads=4, mlp_ratio=2.0)),
+    "vit_scenes": lambda n: vit.vit_scenes(num_classes=n),
     "vit_micro": lambda n: vit.ViT(vit.ViTConfig(image_size=32, patch_size=8, num_classes=n, dim=32, depth=2, num_heads=2, mlp_ratio=2.0)),
     "swin_micro": lambda n: swin.swin_micro(num_classes=n),
     "convnextv2_atto": lambda n: convnext.convnextv2_atto(num_classes=n),

@@ -17,10 +17,9 @@ import torch
 from course_lib import data
 from course_lib.train import evaluate, fit
 from course_lib.utils import save_checkpoint, seed_everything
-from course_lib.vit import ViT, ViTConfig
+from course_lib.vit import vit_scenes
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "course_lib" / "checkpoints" / "vit_scenes.safetensors"
-CONFIG = ViTConfig(image_size=32, patch_size=4, num_classes=len(data.SHAPES), dim=64, depth=4, num_heads=4, mlp_ratio=2.0)
 
 
 def hflip(images: torch.Tensor) -> torch.Tensor:
@@ -33,6 +32,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--n", type=int, default=6000, help="training images")
+    p.add_argument("--n-test", type=int, default=1000, help="test images (the accuracy stored in the checkpoint)")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--max-objects", type=int, default=1, help="1: one shape per image, as in lecture 01")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -40,14 +40,15 @@ def main() -> None:
 
     seed_everything(0)
     train = data.to_tensors(data.scenes(args.n, "train", max_objects=args.max_objects))
-    test = data.to_tensors(data.scenes(1000, "test", max_objects=args.max_objects))
-    model = ViT(CONFIG)
+    test = data.to_tensors(data.scenes(args.n_test, "test", max_objects=args.max_objects))
+    model = vit_scenes(num_classes=len(data.SHAPES))  # the config is in course_lib.vit.vit_scenes
     start = time.time()
-    hist = fit(model, train, epochs=args.epochs, batch_size=64, lr=args.lr, weight_decay=0.05, warmup=0.05,
+    fit(model, train, epochs=args.epochs, batch_size=64, lr=args.lr, weight_decay=0.05, warmup=0.05,
                augment=hflip, eval_data=test, log_every=50)
     acc = evaluate(model, test)
     print(f"test accuracy {acc:.3f} after {args.epochs} epochs ({time.time() - start:.0f} s)")
-    save_checkpoint(model, args.out, test_accuracy=f"{acc:.4f}", epochs=args.epochs, train_images=args.n, max_objects=args.max_objects)
+    save_checkpoint(model, args.out, test_accuracy=f"{acc:.4f}", test_images=args.n_test, epochs=args.epochs, train_images=args.n,
+                    max_objects=args.max_objects)
     print(f"saved {args.out} ({args.out.stat().st_size / 1e6:.2f} MB)")
 
 

@@ -41,7 +41,6 @@ def randomize_(model: torch.nn.Module, std: float = 0.2, seed: int = 0) -> torch
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "serial: timing-sensitive (benchmarks): runs alone, after the parallel tests")
     # The controller (not the xdist workers) makes one log that every worker appends to.
     if not hasattr(config, "workerinput"):
         path = Path(tempfile.gettempdir()) / f"course-parity-{os.getpid()}.log"

@@ -57,6 +57,7 @@ def test_splits_differ_and_cache_round_trips(tmp_path):
     assert list((tmp_path / "cache").iterdir()), "nothing was cached"
 
 
+@pytest.mark.slow
 def test_labels_are_roughly_balanced():
     y = torch.tensor(data.scenes(1000, "train")["label"])
     counts = torch.bincount(y, minlength=5).float() / 1000
@@ -82,6 +83,7 @@ def test_to_tensors():
     assert y.dtype == torch.long and y.shape == (10,)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(data.PHOTOS))
 def test_photos_load_offline(name):
     img = data.photo(name)
@@ -100,6 +102,7 @@ def test_digits():
     assert ds.features["label"].num_classes == 10
 
 
+@pytest.mark.slow
 def test_load_hf_reads_a_local_folder_laid_out_like_the_hub(tmp_path):
     """Like cifar10 on the hub: data/train-*.parquet with an `img` image column and a `label` ClassLabel."""
     import datasets
@@ -116,6 +119,7 @@ def test_load_hf_reads_a_local_folder_laid_out_like_the_hub(tmp_path):
     assert x.shape == (30, 3, 16, 16)
 
 
+@pytest.mark.slow
 def test_load_hf_offline_hub_id_gives_clear_error():
     with pytest.raises(OSError, match="Offline, use the course's own data"):
         data.load_hf("definitely-not-a-local-folder/cifar10")

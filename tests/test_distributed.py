@@ -33,6 +33,7 @@ def single(tmp_path_factory):
     return _train(tmp_path_factory.mktemp("single") / "model.safetensors", 1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_processes_match_one(single, strategy, tmp_path):
     import torch

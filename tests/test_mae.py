@@ -3,6 +3,7 @@ ViTMAEForPreTraining (same noise -> same mask, logits and loss) on random weight
 
 import pytest
 import torch
+import transformers
 from conftest import randomize_, report_diff
 
 from course_lib.layers import use_explicit_attention
@@ -10,11 +11,7 @@ from course_lib.mae import (
     MAE,
     MAEConfig,
     SimMIM,
-    block_mask,
-    encoder_tokens,
-    grid_keep,
     mae_loss,
-    masking_noise,
     normalized_pixel_target,
     paste_reconstruction,
     random_masking,
@@ -22,9 +19,9 @@ from course_lib.mae import (
     tube_masking,
     unshuffle,
 )
+from course_lib.recipes.mae import block_mask, encoder_tokens, grid_keep, linear_probe, masking_noise, probe_features
 from course_lib.vit import ViT, ViTConfig, patchify
 
-transformers = pytest.importorskip("transformers")
 
 
 def report_scalar(name: str, ours: torch.Tensor, ref: torch.Tensor, tol: float = 1e-5) -> None:
@@ -217,6 +214,7 @@ def hf_mae(image_size=32, patch_size=4, channels=3, norm_pix=False, mask_ratio=0
     "B,image_size,patch_size,channels,norm_pix,mask_ratio",
     [(2, 32, 4, 3, False, 0.75), (3, 32, 4, 3, True, 0.75), (1, 24, 8, 3, True, 0.5), (2, 16, 2, 1, False, 0.9), (2, 32, 8, 3, True, 0.25)],
 )
+@pytest.mark.slow
 def test_mae_parity_in_memory(B, image_size, patch_size, channels, norm_pix, mask_ratio):
     hf = hf_mae(image_size, patch_size, channels, norm_pix, mask_ratio)
     ours = MAE.from_hf(hf).eval()
@@ -236,6 +234,7 @@ def test_mae_parity_in_memory(B, image_size, patch_size, channels, norm_pix, mas
         report_diff(f"{name} explicit attention", use_explicit_attention(ours)(x, noise)[1], ref.logits)
 
 
+@pytest.mark.slow
 def test_mae_parity_from_disk_names(tmp_path):
     hf = hf_mae(norm_pix=True)
     hf.save_pretrained(tmp_path)
@@ -252,6 +251,7 @@ def test_mae_parity_from_disk_names(tmp_path):
     report_scalar("ViTMAE from disk loss", loss, ref.loss)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", [(1, 3, 48, 48), (2, 3, 24, 40)])
 def test_mae_encoder_parity_at_other_resolutions(shape):
     hf = hf_mae()
@@ -265,6 +265,7 @@ def test_mae_encoder_parity_at_other_resolutions(shape):
     report_diff(f"ViTMAE encoder {shape}", latent, ref.last_hidden_state)
 
 
+@pytest.mark.slow
 def test_sincos_tables_match_transformers_builder():
     from transformers.models.vit_mae.modeling_vit_mae import build_2d_sinusoidal_position_embedding
 
@@ -275,6 +276,7 @@ def test_sincos_tables_match_transformers_builder():
         report_diff(f"{name} sin-cos table", table[0], ref, 1e-6)
 
 
+@pytest.mark.slow
 def test_mae_encoder_loads_into_vit_for_probing():
     """A ViTMAEModel (encoder only) loads as a course_lib ViT; with mask ratio 0 and sorted noise
     transformers keeps every patch in order, so both see the full image."""
@@ -288,6 +290,7 @@ def test_mae_encoder_loads_into_vit_for_probing():
         report_diff("ViTMAEModel as ViT", ours.forward_features(x), ref)
 
 
+@pytest.mark.slow
 def test_mae_checkpoint_script_runs(tmp_path):
     """The shipped checkpoint is made by scripts/train_mae_scenes.py: a one-step run must work and
     write a checkpoint with the shipped model's config."""
@@ -310,8 +313,6 @@ def test_mae_checkpoint_script_runs(tmp_path):
 
 
 def test_linear_probe_and_probe_features():
-    from course_lib.mae import linear_probe, probe_features
-
     g = torch.Generator().manual_seed(0)
     y = torch.arange(200) % 4
     f = torch.randn(200, 8, generator=g) * 0.1 + torch.nn.functional.one_hot(y, 8).float()  # separable
@@ -321,3 +322,40 @@ def test_linear_probe_and_probe_features():
     enc = MAE(MAEConfig(**SMALL)).encoder.train()
     feats = probe_features(enc, torch.rand(3, 3, 32, 32), batch_size=2)
     assert feats.shape == (3, 64) and enc.training  # [CLS, mean] of width 32; mode restored
+
+
+def test_mae_scenes_is_the_shipped_model():
+    from course_lib.mae import mae_scenes
+    from course_lib.utils import load_checkpoint
+
+    shipped, meta = load_checkpoint("mae_scenes.safetensors", MAE, MAEConfig)
+    assert mae_scenes().config == shipped.config
+    assert int(meta["epochs"]) > 1 and int(meta["train_images"]) >= 1000
+
+
+def test_reconstruction_loss_is_the_models_loss_for_fit():
+    from course_lib.recipes.mae import reconstruction_loss
+    from course_lib.train import fit
+
+    model, x = MAE(MAEConfig(**SMALL)), torch.rand(16, 3, 32, 32)
+    torch.manual_seed(1)
+    loss, count = reconstruction_loss(model, (x,))
+    torch.manual_seed(1)
+    assert count is None and torch.equal(loss, model(x)[0])  # the same random mask, the same loss
+    hist = fit(model, (x,), epochs=3, batch_size=8, lr=3e-3, loss_fn=reconstruction_loss, progress=False, log_every=1)
+    assert hist.train_acc == [] and len(hist.loss) == 6
+    with pytest.raises(TypeError, match="masked autoencoder"):
+        reconstruction_loss(ViT(ViTConfig(dim=16, depth=1, num_heads=2)), (x,))
+
+
+@pytest.mark.parametrize("factory,encoder", [("mae_vit_base", "vit_base"), ("mae_vit_large", "vit_large"), ("mae_vit_huge", "vit_huge")])
+def test_mae_paper_sizes_have_the_papers_encoders(factory, encoder):
+    """MAE's ViT-B/L/H encoders are the ViT paper's (Table 1 of He et al.), with the default decoder:
+    8 blocks of width 512 (Table 1a-b)."""
+    from course_lib import mae, vit
+
+    with torch.device("meta"):
+        model, reference = getattr(mae, factory)(), getattr(vit, encoder)(num_classes=0)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(model.encoder) == count(reference)
+    assert (model.config.decoder_dim, model.config.decoder_depth) == (512, 8)

@@ -3,14 +3,15 @@ with transformers SwinModel / Swinv2Model on random weights."""
 
 import pytest
 import torch
+import transformers
 from conftest import randomize_, report_diff
 
 from course_lib.layers import param_groups, use_explicit_attention
+from course_lib.recipes.swin import attention_flops, window_connectivity
 from course_lib.swin import (
     Swin,
     SwinConfig,
     SwinV2,
-    attention_flops,
     cyclic_shift,
     log_spaced_coords,
     merge_patches,
@@ -21,12 +22,10 @@ from course_lib.swin import (
     shifted_window_mask,
     swin_micro,
     window_and_shift,
-    window_connectivity,
     window_partition,
     window_reverse,
 )
 
-transformers = pytest.importorskip("transformers")
 
 
 def grid(H: int, W: int) -> torch.Tensor:
@@ -145,6 +144,7 @@ def test_attention_flops_eq_1_and_2():
 # ----------------------------------------------------------------------------------------------
 # Model
 # ----------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_micro_model_shapes_sdpa_explicit_and_no_weight_decay():
     m = swin_micro(num_classes=4).eval()
     x = torch.randn(2, 3, 32, 32)
@@ -199,6 +199,7 @@ SMALL = dict(patch_size=4, embed_dim=16, depths=[2, 2, 2], num_heads=[2, 2, 4], 
 
 # 64x64: stages 16, 8, 4 (the last equals the window: no shift); 72x88: stages 18x22, 9x11, 5x6
 # (padding to the window, odd sizes in patch merging); 64x96: last stage 4x6, padded, unshifted.
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", [(2, 3, 64, 64), (1, 3, 72, 88), (1, 3, 64, 96)])
 def test_swin_parity_in_memory(shape):
     hf = randomize_(transformers.SwinModel(transformers.SwinConfig(image_size=64, **SMALL))).eval()
@@ -210,6 +211,7 @@ def test_swin_parity_in_memory(shape):
         report_diff(f"SwinModel {shape} explicit", use_explicit_attention(ours).forward_features(x), ref)
 
 
+@pytest.mark.slow
 def test_swin_classifier_parity_from_disk(tmp_path):
     hf = randomize_(transformers.SwinForImageClassification(transformers.SwinConfig(image_size=64, num_labels=5, **SMALL))).eval()
     hf.save_pretrained(tmp_path)
@@ -226,6 +228,7 @@ def test_swin_classifier_parity_from_disk(tmp_path):
 # transformers' Swinv2 fixes each block's window and shift from config.image_size, so each input
 # size gets its own reference. 48: stages 12, 6 (padded to 8, shifted), 3 (smaller than the window:
 # window 3); 32: stages 8, 4, 2.
+@pytest.mark.slow
 @pytest.mark.parametrize("size,pretrained", [(64, None), (48, None), (32, [0, 3, 2])])
 def test_swinv2_parity(size, pretrained, tmp_path):
     extra = dict(pretrained_window_sizes=pretrained) if pretrained else {}
@@ -242,7 +245,20 @@ def test_swinv2_parity(size, pretrained, tmp_path):
             report_diff("Swinv2Model from disk", Swin.from_hf(str(tmp_path)).eval().forward_features(x), ref)
 
 
+@pytest.mark.slow
 def test_swinv2_loader_rejects_v1_checkpoint():
     hf = transformers.SwinModel(transformers.SwinConfig(image_size=32, **SMALL))
     with pytest.raises(ValueError, match="Swin V1 checkpoint"):
         SwinV2.from_hf(hf)
+
+
+@pytest.mark.parametrize("factory,millions", [("swin_tiny", 28.3), ("swin_small", 49.6), ("swin_base", 87.8), ("swinv2_tiny", 28.3)])
+def test_paper_sizes_match_the_papers_tables(factory, millions):
+    """Swin Table 1: Swin-T 28M, Swin-S 50M, Swin-B 88M parameters (224 px, 1,000 classes);
+    Swin V2-T 28M (256 px, window 8)."""
+    from course_lib import swin
+
+    with torch.device("meta"):
+        model = getattr(swin, factory)()
+    assert model.config.num_classes == 1000
+    assert sum(p.numel() for p in model.parameters()) / 1e6 == pytest.approx(millions, abs=0.05)

@@ -3,13 +3,13 @@ DINOv2-with-registers on random weights."""
 
 import pytest
 import torch
+import transformers
 import torch.nn.functional as F
 from conftest import randomize_, report_diff
 
 from course_lib.layers import attention, resample_pos_embed, use_explicit_attention
 from course_lib.vit import ViT, ViTConfig, deit_hard_distillation_loss, patchify, unpatchify
 
-transformers = pytest.importorskip("transformers")
 
 
 @pytest.mark.parametrize("shape,p", [((2, 3, 32, 32), 4), ((1, 3, 24, 40), 8), ((2, 1, 6, 9), 3)])
@@ -121,6 +121,7 @@ def hf_vit():
     return randomize_(transformers.ViTModel(cfg)).eval()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", [(2, 3, 32, 32), (1, 3, 24, 40), (1, 3, 48, 48), (1, 3, 16, 64)])
 def test_vit_parity_in_memory(hf_vit, shape):
     ours = ViT.from_hf(hf_vit).eval()
@@ -131,6 +132,7 @@ def test_vit_parity_in_memory(hf_vit, shape):
         report_diff(f"ViTModel {shape} explicit attention", use_explicit_attention(ours).forward_features(x), ref)
 
 
+@pytest.mark.slow
 def test_vit_parity_from_disk_names(hf_vit, tmp_path):
     hf_vit.save_pretrained(tmp_path)
     from safetensors.torch import load_file
@@ -143,6 +145,7 @@ def test_vit_parity_from_disk_names(hf_vit, tmp_path):
         report_diff("ViTModel from disk", ours.forward_features(x), hf_vit(x).last_hidden_state)
 
 
+@pytest.mark.slow
 def test_vit_classifier_parity():
     hf = randomize_(transformers.ViTForImageClassification(transformers.ViTConfig(**SMALL, intermediate_size=64, num_labels=7))).eval()
     ours = ViT.from_hf(hf).eval()
@@ -151,6 +154,7 @@ def test_vit_classifier_parity():
         report_diff("ViTForImageClassification logits", ours(x), hf(x).logits)
 
 
+@pytest.mark.slow
 def test_deit_parity_and_distillation():
     hf = randomize_(transformers.DeiTForImageClassificationWithTeacher(transformers.DeiTConfig(**SMALL, intermediate_size=64, num_labels=5))).eval()
     ours = ViT.from_hf(hf).eval()
@@ -167,6 +171,7 @@ def test_deit_parity_and_distillation():
     assert torch.allclose(deit_hard_distillation_loss(cls_logits, dist_logits, labels, teacher), expected)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", [(2, 3, 32, 32), (1, 3, 24, 40)])
 def test_dinov2_with_registers_backbone_parity(shape, tmp_path):
     cfg = transformers.Dinov2WithRegistersConfig(**SMALL, mlp_ratio=2, num_register_tokens=3)
@@ -181,6 +186,29 @@ def test_dinov2_with_registers_backbone_parity(shape, tmp_path):
         report_diff("Dinov2WithRegisters from disk", ViT.from_hf(str(tmp_path)).eval().forward_features(x), hf(x).last_hidden_state)
 
 
+@pytest.mark.slow
 def test_from_hf_offline_hub_id_gives_clear_error():
     with pytest.raises(OSError, match="Offline, pass a transformers model instance"):
         ViT.from_hf("google/vit-base-patch16-224")
+
+
+@pytest.mark.parametrize("factory,params", [("vit_tiny", 5_717_416), ("vit_small", 22_050_664), ("vit_base", 86_567_656),
+                                            ("vit_large", 304_326_632), ("vit_huge", 632_045_800)])
+def test_paper_sizes_match_the_papers_tables(factory, params):
+    """ViT-B/16 86.6M and ViT-L/16 304M parameters at 224 px with the 1,000-class head (ViT Table 1
+    rounds to 86M and 307M; DeiT Table 1: Ti 5.7M, S 22M). Built on the meta device: no memory."""
+    from course_lib import vit
+
+    with torch.device("meta"):
+        model = getattr(vit, factory)()
+    c = model.config
+    assert (c.image_size, c.num_classes) == (224, 1000) and c.patch_size == (14 if factory == "vit_huge" else 16)
+    assert sum(p.numel() for p in model.parameters()) == params
+
+
+def test_vit_scenes_is_the_shipped_model():
+    from course_lib.utils import load_checkpoint
+    from course_lib.vit import vit_scenes
+
+    shipped, _ = load_checkpoint("vit_scenes.safetensors", ViT, ViTConfig)
+    assert vit_scenes().config == shipped.config
