@@ -26,9 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .layers import causal_mask
 from .hf import cfg, load_hf_checkpoint, rename_keys
-from .layers import attention, load_state_dict_checked
+from .layers import Attention, causal_mask, load_state_dict_checked
 from .utils import freeze
 
 NORMS = ("layernorm", "rmsnorm")
@@ -42,16 +41,6 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 
 def _norm(kind: str, dim: int, eps: float) -> nn.Module:
     return nn.LayerNorm(dim, eps=eps) if kind == "layernorm" else nn.RMSNorm(dim, eps=eps)
-
-
-def _split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
-    B, N, _ = x.shape
-    return x.reshape(B, N, num_heads, -1).transpose(1, 2)  # (B, N, h*d) -> (B, h, N, d)
-
-
-def _merge_heads(x: torch.Tensor) -> torch.Tensor:
-    B, h, N, d = x.shape
-    return x.transpose(1, 2).reshape(B, N, h * d)  # (B, h, N, d) -> (B, N, h*d)
 
 
 class FeedForward(nn.Module):
@@ -132,19 +121,14 @@ class PerceiverConfig:
         _check_choice("act", self.act, ("gelu", "relu"))
 
 
-class PerceiverAttention(nn.Module):
-    """Latents (queries) attend to concat(media, latents) (keys and values), bias-free."""
+class PerceiverAttention(Attention):
+    """Latents (queries) attend to concat(media, latents) (keys and values), bias-free: the
+    course's cross-attention, whose context is the media with the latents appended."""
 
     def __init__(self, dim: int, num_heads: int, head_dim: int, eps: float = 1e-5):
-        super().__init__()
-        self.num_heads = num_heads
+        super().__init__(dim, num_heads, context_dim=dim, head_dim=head_dim, qkv_bias=False, proj_bias=False)
         self.norm_media = nn.LayerNorm(dim, eps=eps)
         self.norm_latents = nn.LayerNorm(dim, eps=eps)
-        self.q = nn.Linear(dim, num_heads * head_dim, bias=False)
-        self.k = nn.Linear(dim, num_heads * head_dim, bias=False)
-        self.v = nn.Linear(dim, num_heads * head_dim, bias=False)
-        self.proj = nn.Linear(num_heads * head_dim, dim, bias=False)
-        self.use_sdpa = True
 
     def forward(
         self, media: torch.Tensor, latents: torch.Tensor, return_weights: bool = False
@@ -152,12 +136,8 @@ class PerceiverAttention(nn.Module):
         """media (B, N, D), latents (B, L, D) -> (update (B, L, D), weights (B, h, L, N + L) or None)."""
         media, latents = self.norm_media(media), self.norm_latents(latents)
         # The latents are keys too (Fig. 5): each latent can keep what it already holds.
-        kv_input = torch.cat([media, latents], dim=1)  # (B, N + L, D)
-        q = _split_heads(self.q(latents), self.num_heads)  # (B, h, L, d)
-        k = _split_heads(self.k(kv_input), self.num_heads)  # (B, h, N + L, d)
-        v = _split_heads(self.v(kv_input), self.num_heads)
-        out, weights = attention(q, k, v, use_sdpa=self.use_sdpa and not return_weights)
-        return self.proj(_merge_heads(out)), weights
+        context = torch.cat([media, latents], dim=1)  # (B, N + L, D)
+        return super().forward(latents, context, return_weights=return_weights)
 
 
 class PerceiverResampler(nn.Module):
@@ -275,44 +255,44 @@ def gated_residual(x: torch.Tensor, branch: torch.Tensor, alpha: torch.Tensor) -
     return x + torch.tanh(alpha) * branch
 
 
-class CrossAttention(nn.Module):
-    """Text queries (B, T, dim) attend to visual keys/values (B, S, media_dim), bias-free."""
+def media_cross_attention_mask(media_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flamingo's per-token media mask as an attention mask, and which tokens have an image at all.
+
+    media_mask (B, T, S) boolean, True where text token t may attend to visual token s.
+    Returns (mask (B, 1, T, S), broadcast over the heads; has_media (B, T), False for text before
+    the first image). Such a token has no key to attend to, and softmax over nothing is 0/0: its
+    row is opened to every key here, and the caller zeroes its output with `has_media`.
+    """
+    if media_mask.ndim != 3 or media_mask.dtype != torch.bool:
+        raise ValueError(f"media_mask must be boolean (batch, text tokens, visual tokens), got {media_mask.dtype} {tuple(media_mask.shape)}")
+    has_media = media_mask.any(-1)  # (B, T)
+    return (media_mask | ~has_media[..., None])[:, None], has_media
+
+
+class CrossAttention(Attention):
+    """Text queries (B, T, dim) attend to visual keys/values (B, S, media_dim), bias-free, under
+    Flamingo's media mask: the course's cross-attention, with the rows of text that precede
+    every image set to zero."""
 
     def __init__(self, dim: int, media_dim: int, num_heads: int):
-        super().__init__()
-        self.num_heads = num_heads
-        self.q = nn.Linear(dim, dim, bias=False)
-        self.k = nn.Linear(media_dim, dim, bias=False)
-        self.v = nn.Linear(media_dim, dim, bias=False)
-        self.proj = nn.Linear(dim, dim, bias=False)
-        self.use_sdpa = True
+        super().__init__(dim, num_heads, context_dim=media_dim, qkv_bias=False, proj_bias=False)
 
     def forward(
         self, x: torch.Tensor, media: torch.Tensor, media_mask: torch.Tensor | None = None, return_weights: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x (B, T, dim), media (B, S, media_dim), media_mask (B, T, S) boolean (True = may attend;
-        None = all) -> (out (B, T, dim), weights (B, h, T, S) or None).
-
-        A token whose mask row is all False (text before the first image) gets a zero output.
-        """
-        mask, has_media = None, None
-        if media_mask is not None:
-            if media_mask.shape != (x.shape[0], x.shape[1], media.shape[1]):
-                raise ValueError(
-                    f"media_mask must be (batch, text tokens, visual tokens) = {(x.shape[0], x.shape[1], media.shape[1])}, "
-                    f"got {tuple(media_mask.shape)}: expand the per-image mask with expand_media_mask"
-                )
-            has_media = media_mask.any(-1)  # (B, T): False before the first image
-            # A row with no visible key would make softmax 0/0; let it see everything, zero it below.
-            mask = (media_mask | ~has_media[..., None])[:, None]  # (B, 1, T, S), broadcast over heads
-        q = _split_heads(self.q(x), self.num_heads)  # (B, h, T, d)
-        k = _split_heads(self.k(media), self.num_heads)  # (B, h, S, d)
-        v = _split_heads(self.v(media), self.num_heads)
-        out, weights = attention(q, k, v, mask, use_sdpa=self.use_sdpa and not return_weights)
-        out = self.proj(_merge_heads(out))
-        if has_media is not None:
-            out = out * has_media[..., None]  # tokens before any image get no cross-attention output
-            weights = weights * has_media[:, None, :, None] if weights is not None else None
+        None = all) -> (out (B, T, dim), weights (B, h, T, S) or None)."""
+        if media_mask is None:
+            return super().forward(x, media, return_weights=return_weights)
+        if media_mask.shape != (x.shape[0], x.shape[1], media.shape[1]):
+            raise ValueError(
+                f"media_mask must be (batch, text tokens, visual tokens) = {(x.shape[0], x.shape[1], media.shape[1])}, "
+                f"got {tuple(media_mask.shape)}: expand the per-image mask with expand_media_mask"
+            )
+        mask, has_media = media_cross_attention_mask(media_mask)
+        out, weights = super().forward(x, media, mask, return_weights=return_weights)
+        out = out * has_media[..., None]  # tokens before any image get no cross-attention output
+        weights = weights * has_media[:, None, :, None] if weights is not None else None
         return out, weights
 
 
