@@ -83,7 +83,8 @@ class AttributeProbe(nn.Module):
         return {f"encoder.{n}" for n in self.encoder.no_weight_decay()}
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        tokens = self.encoder.forward_features(images)[:, 1:]  # (B, g*g, D) patch tokens
+        gh, gw = self.encoder.config.grid
+        tokens = self.encoder.forward_features(images)[:, -gh * gw :]  # (B, g*g, D): the patch tokens, after CLS and registers
         B, N, D = tokens.shape
         g = int(N**0.5)
         grid = tokens.transpose(1, 2).reshape(B, D, g, g)  # (B, D, g, g)
