@@ -3,6 +3,7 @@ and parity with transformers' IDEFICS perceiver resampler and gated cross-attent
 
 import pytest
 import torch
+import transformers
 from conftest import randomize_, report_diff
 
 from course_lib.flamingo import (
@@ -16,12 +17,12 @@ from course_lib.flamingo import (
     expand_media_mask,
     gated_residual,
     media_attention_mask,
+    media_cross_attention_mask,
 )
-from course_lib.layers import use_explicit_attention
+from course_lib.layers import Attention, use_explicit_attention
 from course_lib.tinylm import TinyLM, TinyLMConfig
 from course_lib.vit import ViT, ViTConfig
 
-transformers = pytest.importorskip("transformers")
 IMG = 3  # the <image> id of the toy LMs below
 
 
@@ -99,6 +100,24 @@ def test_gated_block_identity_at_init_and_no_output_before_the_first_image():
     assert not out.isnan().any()
 
 
+def test_media_cross_attention_mask_opens_imageless_rows_and_reports_them():
+    media_mask = expand_media_mask(media_attention_mask(torch.tensor([[0, 0, 1, 0]]).bool(), 1), 2)  # (1, 4, 2)
+    mask, has_media = media_cross_attention_mask(media_mask)
+    assert mask.shape == (1, 1, 4, 2) and has_media.tolist() == [[False, False, True, True]]
+    assert mask[0, 0, :2].all()  # no image yet: every key visible (softmax stays finite), zeroed by the caller
+    with pytest.raises(ValueError, match="boolean"):
+        media_cross_attention_mask(media_mask.float())
+
+
+def test_every_attention_is_the_course_attention():
+    model = Flamingo(*_toy_parts(), FlamingoConfig(image_token_id=IMG, num_latents=3, resampler_heads=2, xattn_heads=2))
+    # Whatever projects queries is layers.Attention (self or cross); Flamingo adds only its masking.
+    others = [n for n, m in model.named_modules() if hasattr(m, "q") and not isinstance(m, Attention)]
+    assert not others, others
+    names = {n for n, m in model.named_modules() if isinstance(m, Attention) and m.is_cross}
+    assert any("resampler" in n for n in names) and any("xattn_layers" in n for n in names)
+
+
 def test_gated_block_sdpa_and_explicit_agree():
     blk = randomize_(GatedCrossAttentionBlock(GatedXAttnConfig(dim=8, media_dim=6, num_heads=2)))
     x, media = torch.randn(2, 7, 8), torch.randn(2, 8, 6)
@@ -173,6 +192,7 @@ def _idefics_config(alpha_type="float"):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("N", [1, 7, 20])
 def test_perceiver_resampler_parity(N):
     from transformers.models.idefics.perceiver import IdeficsPerceiverResampler
@@ -201,6 +221,7 @@ def _idefics_inputs(T, M, L, hidden, media_dim, seed):
     return x, media, mask, additive, gate
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("alpha_type,T,M", [("float", 6, 1), ("vector", 9, 2), ("float", 12, 2)])
 def test_gated_cross_attention_parity(alpha_type, T, M):
     from transformers.models.idefics.modeling_idefics import IdeficsGatedCrossAttentionLayer
@@ -215,6 +236,7 @@ def test_gated_cross_attention_parity(alpha_type, T, M):
         report_diff("gated cross-attention, explicit softmax", use_explicit_attention(ours)(x, media, mask), expected)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spelling", ["instance", "folder"])
 def test_from_full_idefics_model(spelling, tmp_path):
     from transformers import IdeficsModel
