@@ -123,6 +123,23 @@ def siglip_loss(
     return -F.logsigmoid(labels * logits).sum() / n
 
 
+def recall_at_k(similarity: torch.Tensor, k: int) -> float:
+    """Retrieval recall@k: the fraction of queries whose match is among the k best candidates.
+
+    similarity: (N, N) with row i = query i, column i = its match (for image->text retrieval pass
+    image-text similarities; for text->image pass their transpose). A query's rank is the number
+    of other candidates scored at least as high as its match (ties count against the query, so
+    a collapsed model that scores everything alike gets no credit); it is found when rank < k.
+    """
+    if similarity.ndim != 2 or similarity.shape[0] != similarity.shape[1]:
+        raise ValueError(f"recall_at_k expects a square (N, N) similarity matrix, got {tuple(similarity.shape)}")
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    match = similarity.diagonal()[:, None]  # (N, 1)
+    rank = (similarity >= match).sum(dim=1) - 1  # (N,), minus the match itself
+    return (rank < k).float().mean().item()
+
+
 # ----------------------------------------------------------------------------------------------
 # The towers
 # ----------------------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ def evaluate(model: clip.CLIP, tok: WordTokenizer, images: torch.Tensor, ds) -> 
     return {
         "shape_acc": (recipe.zero_shot_logits(model, images, shape_w).argmax(1) == shapes).float().mean().item(),
         "color_acc": (recipe.zero_shot_logits(model, images, color_w).argmax(1) == colors).float().mean().item(),
-        "recall1": recipe.recall_at_k(image_emb[:500] @ text_emb[:500].T, 1),
+        "recall1": clip.recall_at_k(image_emb[:500] @ text_emb[:500].T, 1),
     }
 
 

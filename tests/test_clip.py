@@ -88,14 +88,14 @@ def test_loss_errors_say_what_is_wrong():
 def test_recall_at_k_by_hand():
     sim = torch.tensor([[0.9, 0.1, 0.0], [0.8, 0.5, 0.1], [0.3, 0.2, 0.1]])
     # ranks of the matches: row 0 -> 0, row 1 -> 1, row 2 -> 2
-    assert recipe.recall_at_k(sim, 1) == pytest.approx(1 / 3)
-    assert recipe.recall_at_k(sim, 2) == pytest.approx(2 / 3)
-    assert recipe.recall_at_k(sim, 3) == 1.0
+    assert clip.recall_at_k(sim, 1) == pytest.approx(1 / 3)
+    assert clip.recall_at_k(sim, 2) == pytest.approx(2 / 3)
+    assert clip.recall_at_k(sim, 3) == 1.0
     # text -> image: columns as queries; the tie in the last column counts against the query
-    assert recipe.recall_at_k(sim.T, 1) == pytest.approx(2 / 3)
-    assert recipe.recall_at_k(torch.ones(4, 4), 3) == 0.0  # a collapsed model finds nothing
+    assert clip.recall_at_k(sim.T, 1) == pytest.approx(2 / 3)
+    assert clip.recall_at_k(torch.ones(4, 4), 3) == 0.0  # a collapsed model finds nothing
     with pytest.raises(ValueError, match="square"):
-        recipe.recall_at_k(torch.zeros(2, 3), 1)
+        clip.recall_at_k(torch.zeros(2, 3), 1)
 
 
 # ----------------------------------------------------------------------------------------------
