@@ -273,6 +273,10 @@ class CLIPConfig:
                 f"without an image projection the image width {self.vision_dim} is the embedding width, "
                 f"but embed_dim is {self.embed_dim}: set image_proj=True or embed_dim={self.vision_dim}"
             )
+        if min(self.embed_dim, self.vocab_size, self.context_length, self.text_depth, self.text_heads) < 1:
+            raise ValueError("embed_dim, vocab_size, context_length, text_depth and text_heads must all be positive")
+        if self.text_dim % self.text_heads != 0:
+            raise ValueError(f"text width {self.text_dim} is not divisible by {self.text_heads} heads: pick a head count that divides it")
         make_activation(self.act)
         self.vision_config()  # validates image and patch sizes and head counts
 

@@ -10,8 +10,7 @@ Perceiver Resampler and gated cross-attention layers, reading interleaved image-
 - `media_attention_mask` (sec. 2.3): each text token sees only the image that comes immediately
   before it; tokens before any image see none, and their cross-attention output is zero.
 - `Flamingo`: inserts a gated block before every `cross_attn_every`-th block of a frozen LM.
-- `VisualPrefixLM`: the baseline of Frozen (Tsimpoukelli et al., 2021), which maps each image to
-  a few embeddings written into the LM's input sequence (a "visual prefix").
+(Frozen's visual prefix, the baseline lecture 08 compares with, is `course_lib.connectors.VisualPrefixLM`.)
 
 Parity references: transformers' `IdeficsPerceiverResampler` and `IdeficsGatedCrossAttentionLayer`
 (IDEFICS is an open reproduction of Flamingo). IDEFICS uses RMSNorm and a SiLU-gated feed-forward
@@ -100,6 +99,8 @@ def media_attention_mask(
 def expand_media_mask(mask: torch.Tensor, tokens_per_media: int) -> torch.Tensor:
     """(B, T, M) per-image mask -> (B, T, M * tokens_per_media) per-visual-token mask, for media
     flattened image by image into one (B, M * tokens_per_media, D) sequence."""
+    if mask.ndim != 3 or tokens_per_media < 1:
+        raise ValueError(f"expected a (batch, tokens, images) mask and tokens_per_media >= 1, got {tuple(mask.shape)} and {tokens_per_media}")
     return mask.repeat_interleave(tokens_per_media, dim=-1)
 
 
@@ -119,6 +120,8 @@ class PerceiverConfig:
 
     def __post_init__(self) -> None:
         _check_choice("act", self.act, ("gelu", "relu"))
+        if min(self.dim, self.depth, self.num_heads, self.head_dim, self.num_latents) < 1:
+            raise ValueError("dim, depth, num_heads, head_dim and num_latents must all be positive")
 
 
 class PerceiverAttention(Attention):
@@ -252,6 +255,8 @@ class GatedXAttnConfig:
 
 def gated_residual(x: torch.Tensor, branch: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     """x + tanh(alpha) * branch (Flamingo eq. in Fig. 4). alpha = 0 gives back x exactly."""
+    if x.shape != branch.shape:
+        raise ValueError(f"the residual {tuple(x.shape)} and the branch {tuple(branch.shape)} must have one shape")
     return x + torch.tanh(alpha) * branch
 
 
@@ -397,6 +402,11 @@ class FlamingoConfig:
     only_immediate: bool = True
     alpha_shape: str = "scalar"  # one gate per layer branch, or "vector": one per channel
 
+    def __post_init__(self) -> None:
+        _check_choice("alpha_shape", self.alpha_shape, ("scalar", "vector"))
+        if min(self.num_latents, self.resampler_depth, self.resampler_heads, self.xattn_heads, self.cross_attn_every) < 1:
+            raise ValueError("num_latents, resampler_depth, the head counts and cross_attn_every must all be >= 1")
+
 
 class Flamingo(nn.Module):
     """A frozen vision encoder and a frozen causal LM, joined by trainable Flamingo parts.
@@ -474,44 +484,3 @@ class Flamingo(nn.Module):
                 x = self.xattn_layers[str(i)](x, media, media_mask)
             x = block(x, causal)
         return self.lm.lm_head(self.lm.norm(x))
-
-
-class VisualPrefixLM(nn.Module):
-    """Frozen (Tsimpoukelli et al., 2021): each image becomes `num_prefix` embeddings, a linear map
-    of the vision encoder's pooled feature reshaped to (num_prefix, lm_dim), written into the
-    LM's input where the text has `num_prefix` consecutive <image> tokens. The LM is unchanged.
-    (Frozen also trains its vision encoder; here both connectors get the same frozen encoder.)
-    """
-
-    def __init__(self, lm: nn.Module, vision: nn.Module, image_token_id: int, num_prefix: int = 2):
-        super().__init__()
-        self.lm, self.vision = freeze(lm), freeze(vision)
-        self.image_token_id, self.num_prefix = image_token_id, num_prefix
-        self.lm_dim = lm.lm_head.in_features
-        self.proj = nn.Linear(vision.norm.normalized_shape[0], num_prefix * self.lm_dim)
-
-    def train(self, mode: bool = True) -> "VisualPrefixLM":
-        super().train(mode)
-        self.lm.eval(), self.vision.eval()
-        return self
-
-    def forward(self, input_ids: torch.Tensor, images: torch.Tensor | None = None, features: torch.Tensor | None = None):
-        """input_ids (B, T) with M * num_prefix <image> tokens per row; images (B, M, C, H, W) or
-        the frozen encoder's features (B, M, N, Dv) -> logits (B, T, vocab)."""
-        if (images is None) == (features is None):
-            raise ValueError("pass exactly one of images (B, M, C, H, W) or features (B, M, N, D)")
-        if features is None:
-            with torch.no_grad():
-                features = self.vision.forward_features(images.flatten(0, 1)).unflatten(0, images.shape[:2])
-        B, M = features.shape[:2]
-        slots = input_ids == self.image_token_id
-        if (slots.sum(-1) != M * self.num_prefix).any():
-            raise ValueError(
-                f"each row needs {M * self.num_prefix} <image> tokens ({self.num_prefix} per image), "
-                f"got {slots.sum(-1).tolist()}"
-            )
-        pooled = features[:, :, 0]  # (B, M, Dv): the encoder's CLS token
-        prefix = self.proj(pooled).reshape(B, M * self.num_prefix, self.lm_dim)  # (B, M*n, D)
-        x = self.lm.embed(input_ids)
-        x = x.masked_scatter(slots[..., None], prefix.to(x.dtype))  # fills the slots in order
-        return self.lm(inputs_embeds=x)

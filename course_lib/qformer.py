@@ -11,7 +11,8 @@ encoder with three objectives that share one network and differ only in the self
   queries never see the text; the text tokens predict the next word.
 Stage 2 (sec. 3.3) projects the query outputs into the language model's embedding space and puts
 them in front of the text as a soft prompt (`prepend_soft_prompt`); only the Q-Former and the
-projection learn. `LinearConnector` and `MlpConnector` are the simpler connectors it is compared with.
+projection learn. `course_lib.connectors` holds the connector modules (the Q-Former with its
+projection, and the simpler ones it is compared with).
 
 The layer follows the BERT-style post-norm of the official code and of transformers'
 `Blip2QFormerModel`: x = LN(x + sublayer(x)); cross-attention to the image every
@@ -21,7 +22,7 @@ The layer follows the BERT-style post-norm of the official code and of transform
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -35,9 +36,15 @@ from .layers import Attention, Mlp, load_state_dict_checked
 # The three self-attention masks (BLIP-2 fig. 2, right). Boolean (L, L), True = may attend;
 # the sequence is [num_queries queries, text_len text tokens].
 # ----------------------------------------------------------------------------------------------
+def _check_lengths(num_queries: int, text_len: int) -> None:
+    if num_queries < 1 or text_len < 0:
+        raise ValueError(f"a mask needs at least one query and a text length >= 0, got {num_queries} and {text_len}")
+
+
 def itc_mask(num_queries: int, text_len: int) -> torch.Tensor:
     """Uni-modal mask for contrastive learning: queries see queries, text sees text, so neither
     can copy the answer from the other."""
+    _check_lengths(num_queries, text_len)
     L = num_queries + text_len
     mask = torch.zeros(L, L, dtype=torch.bool)
     mask[:num_queries, :num_queries] = True
@@ -48,6 +55,7 @@ def itc_mask(num_queries: int, text_len: int) -> torch.Tensor:
 def itm_mask(num_queries: int, text_len: int) -> torch.Tensor:
     """Bi-directional mask for matching: every token sees every token, so the query outputs can
     compare the image with the whole text."""
+    _check_lengths(num_queries, text_len)
     L = num_queries + text_len
     return torch.ones(L, L, dtype=torch.bool)
 
@@ -72,6 +80,8 @@ def with_text_padding(mask: torch.Tensor, text_keep: torch.Tensor) -> torch.Tens
     """
     B, T = text_keep.shape
     num_queries = mask.shape[0] - T
+    if mask.ndim != 2 or num_queries < 1:
+        raise ValueError(f"the mask {tuple(mask.shape)} does not cover the queries and the {T} text tokens: build it for this text length")
     keys = torch.cat([text_keep.new_ones(B, num_queries), text_keep], dim=1)  # (B, L)
     return mask.to(text_keep.device)[None, None] & keys[:, None, None, :]
 
@@ -82,6 +92,11 @@ def with_text_padding(mask: torch.Tensor, text_keep: torch.Tensor) -> torch.Tens
 def max_query_similarity(query_feats: torch.Tensor, text_feats: torch.Tensor) -> torch.Tensor:
     """ITC similarity (BLIP-2 sec. 3.2): cosine similarity of every query with the text, then the
     best query. query_feats (Bi, Nq, E), text_feats (Bt, E) -> (Bi, Bt)."""
+    if query_feats.ndim != 3 or text_feats.ndim != 2 or query_feats.shape[-1] != text_feats.shape[-1]:
+        raise ValueError(
+            f"expected query features (images, queries, E) and text features (texts, E) of one width E, got "
+            f"{tuple(query_feats.shape)} and {tuple(text_feats.shape)}: project both with vision_proj and text_proj"
+        )
     q = F.normalize(query_feats, dim=-1)
     t = F.normalize(text_feats, dim=-1)
     sims = torch.einsum("iqe,te->itq", q, t)  # (Bi, Bt, Nq)
@@ -90,6 +105,8 @@ def max_query_similarity(query_feats: torch.Tensor, text_feats: torch.Tensor) ->
 
 def itc_loss(similarity: torch.Tensor, temperature: torch.Tensor | float) -> torch.Tensor:
     """Symmetric InfoNCE on an (N, N) similarity matrix whose diagonal holds the true pairs."""
+    if similarity.ndim != 2 or similarity.shape[0] != similarity.shape[1]:
+        raise ValueError(f"itc_loss needs a square (N, N) similarity of N pairs, got {tuple(similarity.shape)}")
     logits = similarity / temperature
     labels = torch.arange(logits.shape[0], device=logits.device)
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
@@ -160,6 +177,10 @@ class QFormerConfig:
             raise ValueError(f"cross_attention_freq must be >= 1, got {self.cross_attention_freq}")
         if self.num_queries < 1:
             raise ValueError(f"num_queries must be >= 1, got {self.num_queries}")
+        if min(self.dim, self.depth, self.num_heads, self.mlp_dim, self.encoder_dim) < 1:
+            raise ValueError("dim, depth, num_heads, mlp_dim and encoder_dim must all be positive")
+        if self.dim % self.num_heads != 0:
+            raise ValueError(f"width {self.dim} is not divisible by {self.num_heads} heads: pick a head count that divides it")
 
 
 class QFormerLayer(nn.Module):
@@ -263,6 +284,10 @@ class QFormer(nn.Module):
         mask_kind: "itc", "itm" or "itg" (see the mask functions); text_keep (B, T) marks real
         tokens (default: every id that is not 0, the tokenizer's <pad>).
         """
+        if image_feats is not None and image_feats.ndim != 3:
+            raise ValueError(f"image features must be (batch, tokens, encoder_dim), got {tuple(image_feats.shape)}")
+        if image_feats is None and input_ids is None:
+            raise ValueError("pass image features (B, N, encoder_dim), text ids (B, T), or both")
         B = image_feats.shape[0] if image_feats is not None else input_ids.shape[0]
         Nq = self.config.num_queries
         x = self.query_tokens.expand(B, -1, -1)
@@ -413,43 +438,6 @@ def prepend_soft_prompt(query_out: torch.Tensor, proj: nn.Linear, text_embeds: t
     return torch.cat([prompt, text_embeds], dim=1)
 
 
-class LinearConnector(nn.Module):
-    """Every image token becomes one LM token through one linear map (LLaVA, Liu et al., 2023)."""
-
-    def __init__(self, encoder_dim: int, lm_dim: int):
-        super().__init__()
-        self.proj = nn.Linear(encoder_dim, lm_dim)
-
-    def forward(self, image_feats: torch.Tensor) -> torch.Tensor:
-        return self.proj(image_feats)  # (B, N, encoder_dim) -> (B, N, lm_dim)
-
-
-class MlpConnector(nn.Module):
-    """Every image token through a two-layer GELU MLP (LLaVA-1.5, Liu et al., 2024)."""
-
-    def __init__(self, encoder_dim: int, lm_dim: int):
-        super().__init__()
-        self.mlp = Mlp(encoder_dim, lm_dim, lm_dim)
-
-    def forward(self, image_feats: torch.Tensor) -> torch.Tensor:
-        return self.mlp(image_feats)
-
-
-class QFormerConnector(nn.Module):
-    """A Q-Former (queries only) plus BLIP-2's linear projection: always Nq prompt tokens."""
-
-    def __init__(self, qformer: QFormer, lm_dim: int):
-        super().__init__()
-        self.qformer = qformer
-        self.proj = nn.Linear(qformer.config.dim, lm_dim)
-
-    def no_weight_decay(self) -> set[str]:
-        return {f"qformer.{n}" for n in self.qformer.no_weight_decay()}
-
-    def forward(self, image_feats: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.qformer.query_outputs(image_feats))  # (B, Nq, lm_dim)
-
-
 def query_transformer(qformer: QFormer) -> QFormer:
     """The part of a stage-1 Q-Former that stage 2 keeps: the queries and their path through the
     layers (self-attention, cross-attention, query feed-forward), without the text embeddings, the
@@ -458,54 +446,3 @@ def query_transformer(qformer: QFormer) -> QFormer:
     keep = bare.state_dict().keys()
     bare.load_state_dict({k: v for k, v in qformer.state_dict().items() if k in keep})
     return bare
-
-
-CONNECTOR_KINDS = ("linear", "mlp", "qformer")
-
-
-def make_connector(kind: str, encoder_dim: int, lm_dim: int, qformer_config: QFormerConfig | None = None) -> nn.Module:
-    """A fresh connector: "linear" (LLaVA), "mlp" (LLaVA-1.5) or "qformer" (BLIP-2, queries only,
-    built from `qformer_config`)."""
-    if kind == "linear":
-        return LinearConnector(encoder_dim, lm_dim)
-    if kind == "mlp":
-        return MlpConnector(encoder_dim, lm_dim)
-    if kind == "qformer":
-        if qformer_config is None:
-            raise ValueError("a Q-Former connector needs qformer_config")
-        return QFormerConnector(QFormer(dataclasses.replace(qformer_config, vocab_size=0, text_ffn=False)), lm_dim)
-    raise ValueError(f"unknown connector kind {kind!r}; known: {CONNECTOR_KINDS}")
-
-
-
-
-@dataclass
-class ConnectorsConfig:
-    """Several connectors compared side by side: name -> kind, and the widths they bridge."""
-
-    kinds: dict[str, str] = field(default_factory=lambda: {"qformer": "qformer"})
-    encoder_dim: int = 64
-    lm_dim: int = 64
-    qformer: QFormerConfig | dict | None = None  # needed by "qformer" connectors
-
-    def __post_init__(self) -> None:
-        if isinstance(self.qformer, dict):  # read back from a checkpoint's JSON
-            self.qformer = QFormerConfig(**self.qformer)
-        unknown = {k for k in self.kinds.values() if k not in CONNECTOR_KINDS}
-        if unknown:
-            raise ValueError(f"unknown connector kinds {sorted(unknown)}; known: {CONNECTOR_KINDS}")
-        if "qformer" in self.kinds.values() and self.qformer is None:
-            raise ValueError("a Q-Former connector needs ConnectorsConfig(qformer=QFormerConfig(...))")
-
-
-class Connectors(nn.ModuleDict):
-    """Connectors under their names (`connectors["mlp"]`), built from one config, so that one
-    checkpoint (`course_lib.utils.save_checkpoint`) holds them all."""
-
-    def __init__(self, config: ConnectorsConfig):
-        c = config
-        super().__init__({name: make_connector(kind, c.encoder_dim, c.lm_dim, c.qformer) for name, kind in c.kinds.items()})
-        self.config = config
-
-    def no_weight_decay(self) -> set[str]:
-        return {f"{name}.{n}" for name, m in self.items() for n in getattr(m, "no_weight_decay", set)()}

@@ -69,6 +69,11 @@ class TinyLM(nn.Module):
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token ids (B, T) -> token embeddings (B, T, D), without positions."""
+        if input_ids.numel() and (int(input_ids.max()) >= self.config.vocab_size or int(input_ids.min()) < 0):
+            raise ValueError(
+                f"token ids must lie in [0, {self.config.vocab_size}), got {int(input_ids.min())}..{int(input_ids.max())}: "
+                "encode with the tokenizer the model was built for (vocab_size=tokenizer.vocab_size)"
+            )
         return self.tok_embed(input_ids)
 
     def add_positions(self, x: torch.Tensor) -> torch.Tensor:
@@ -112,6 +117,8 @@ class TinyLM(nn.Module):
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids (B, T) or inputs_embeds (B, T, D)")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         new, done = [], torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
         for _ in range(max_new_tokens):

@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 
 from course_lib import data
-from course_lib.qformer import Connectors, ConnectorsConfig, QFormer, QFormerConfig, query_transformer
+from course_lib.connectors import Connectors, ConnectorsConfig
+from course_lib.qformer import QFormer, QFormerConfig, query_transformer
 from course_lib.recipes.qformer import (
     CONNECTORS_CHECKPOINT,
     STAGE1_CHECKPOINT,

@@ -226,6 +226,14 @@ def test_config_and_input_errors():
         CLIPConfig(vision_pool="max")
     with pytest.raises(ValueError, match="quick_gelu"):
         CLIPConfig(act="relu")
+    with pytest.raises(ValueError, match="text width 30 is not divisible by 4 heads"):
+        CLIPConfig(text_dim=30, text_heads=4)
+    with pytest.raises(ValueError, match="must all be positive"):
+        CLIPConfig(embed_dim=0)
+    with pytest.raises(ValueError, match=r"shape \(B, 3, H, W\)"):
+        model.encode_image(torch.randn(3, 32, 32))
+    with pytest.raises(ValueError, match="image_proj"):
+        CLIPConfig(image_proj=False, vision_dim=48, vision_heads=4, embed_dim=64)
 
 
 def test_zero_shot_classifier_ensembles_normalised_prompts():

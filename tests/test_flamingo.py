@@ -13,12 +13,12 @@ from course_lib.flamingo import (
     GatedXAttnConfig,
     PerceiverConfig,
     PerceiverResampler,
-    VisualPrefixLM,
     expand_media_mask,
     gated_residual,
     media_attention_mask,
     media_cross_attention_mask,
 )
+from course_lib.connectors import VisualPrefixLM
 from course_lib.layers import Attention, use_explicit_attention
 from course_lib.tinylm import TinyLM, TinyLMConfig
 from course_lib.vit import ViT, ViTConfig
@@ -256,3 +256,25 @@ def test_from_full_idefics_model(spelling, tmp_path):
         report_diff(f"gated layer 1 from an IdeficsModel ({spelling})", block(h, media, mask), expected)
     with pytest.raises(ValueError, match="no gated cross-attention layer 5"):
         GatedCrossAttentionBlock.from_hf(source, layer=5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input: a clear error that says what to fix
+# ----------------------------------------------------------------------------------------------
+BAD_INPUTS = {
+    "no latents": (lambda: PerceiverConfig(num_latents=0), "must all be positive"),
+    "unknown activation": (lambda: PerceiverConfig(act="tanh"), "act must be one of"),
+    "cross-attention never": (lambda: FlamingoConfig(image_token_id=3, cross_attn_every=0), ">= 1"),
+    "unknown gate shape": (lambda: FlamingoConfig(image_token_id=3, alpha_shape="matrix"), "alpha_shape"),
+    "zero tokens per image": (lambda: expand_media_mask(torch.ones(1, 2, 1, dtype=torch.bool), 0), "tokens_per_media >= 1"),
+    "branch of another shape": (lambda: gated_residual(torch.randn(2, 3, 4), torch.randn(2, 3, 5), torch.zeros(1)), "one shape"),
+    "float media mask": (lambda: media_cross_attention_mask(torch.ones(1, 2, 3)), "boolean"),
+    "resampler input width": (lambda: PerceiverResampler(PerceiverConfig(dim=8, head_dim=4))(torch.randn(1, 5, 6)), "PerceiverConfig.dim"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_inputs_raise_clear_errors(case):
+    fn, match = BAD_INPUTS[case]
+    with pytest.raises(ValueError, match=match):
+        fn()

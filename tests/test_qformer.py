@@ -8,12 +8,10 @@ from conftest import randomize_, report_diff
 from torch import nn
 
 from course_lib.layers import use_explicit_attention
+from course_lib.connectors import LinearConnector, MlpConnector, QFormerConnector
 from course_lib.qformer import (
-    LinearConnector,
-    MlpConnector,
     QFormer,
     QFormerConfig,
-    QFormerConnector,
     itc_mask,
     itg_mask,
     itm_mask,
@@ -271,7 +269,8 @@ def test_stage2_examples_predict_only_the_answer():
 # Connector checkpoints: the library's save/load, the training script, the shipped results
 # ----------------------------------------------------------------------------------------------
 def test_query_transformer_keeps_the_query_path(tmp_path):
-    from course_lib.qformer import Connectors, ConnectorsConfig, make_connector, query_transformer
+    from course_lib.connectors import Connectors, ConnectorsConfig, make_connector
+    from course_lib.qformer import query_transformer
     from course_lib.recipes.qformer import load_connectors
     from course_lib.utils import save_checkpoint
 
@@ -380,3 +379,45 @@ def test_shipped_connector_comparison_holds(scenes_eval):
         for qformer in ("qformer_scratch", "qformer_stage1"):
             assert acc[qformer]["color"] > acc[per_token]["color"] + 0.3, (qformer, per_token, acc)
     assert all(a["count"] > 0.9 for a in acc.values()), acc
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input: a clear error that says what to fix
+# ----------------------------------------------------------------------------------------------
+def _bad_qformer_inputs():
+    from course_lib import connectors
+    from course_lib import qformer as q
+    from course_lib.recipes import qformer as rq
+    from course_lib.tinylm import tinylm
+
+    tiny = lambda: q.qformer_tiny()  # noqa: E731
+    return {
+        "width not divisible by heads": (lambda: q.QFormerConfig(dim=30, num_heads=4), "not divisible by 4 heads"),
+        "no layers": (lambda: q.QFormerConfig(depth=0), "must all be positive"),
+        "image features without tokens": (lambda: tiny()(torch.randn(2, 64)), r"\(batch, tokens, encoder_dim\)"),
+        "nothing to encode": (lambda: tiny()(None), "image features"),
+        "mask without queries": (lambda: q.itc_mask(0, 3), "at least one query"),
+        "mask of another length": (lambda: q.with_text_padding(q.itm_mask(2, 3), torch.ones(1, 5, dtype=torch.bool)), "does not cover"),
+        "similarity widths differ": (lambda: q.max_query_similarity(torch.randn(2, 3, 8), torch.randn(2, 6)), "one width"),
+        "non-square ITC": (lambda: q.itc_loss(torch.randn(2, 3), 0.1), "square"),
+        "connector kind": (lambda: connectors.make_connector("perceiver", 4, 4), "unknown connector kind"),
+        "example sets of unequal length": (lambda: rq.connector_data((torch.zeros(2), torch.zeros(3, 4), torch.zeros(3, 4))), "as many"),
+        "stage 1 batch": (lambda: rq.Stage1Loss(torch.randn(4, 17, 64))(tiny(), (torch.arange(2),)), "image_index, caption_ids"),
+        "stage 2 batch": (lambda: rq.ConnectorLoss(freeze_(tinylm(10)), torch.zeros(1))(None, (1, 2)), "connector_data"),
+        "LM not frozen": (lambda: rq.ConnectorLoss(tinylm(10), torch.zeros(1)), "must be frozen"),
+        "one image for stage-1 metrics": (lambda: rq.stage1_metrics(tiny(), torch.randn(1, 17, 64), torch.ones(1, 5, dtype=torch.long)), "N >= 2"),
+        "missing checkpoint": (lambda: rq.load_connectors("/nonexistent/c.safetensors"), "shipped checkpoints"),
+    }
+
+
+def freeze_(model):
+    from course_lib.utils import freeze
+
+    return freeze(model)
+
+
+@pytest.mark.parametrize("case", list(_bad_qformer_inputs()))
+def test_bad_inputs_raise_clear_errors(case):
+    fn, match = _bad_qformer_inputs()[case]
+    with pytest.raises((ValueError, TypeError, FileNotFoundError), match=match):
+        fn()

@@ -194,7 +194,7 @@ def test_no_weight_decay_on_tokens_in_every_vlm_training_path(monkeypatch):
     """scripts/train_clip.py, train_vlm_parts.py (encoder and LM), train_qformer.py (stage 1 and
     every connector) and lecture 08's Flamingo all train through `fit`: one step of each, and the
     optimizer's decayed group holds weight matrices only."""
-    from course_lib import clip, flamingo, qformer
+    from course_lib import clip, connectors, flamingo, qformer
     from course_lib.recipes import clip as clip_recipe
     from course_lib.recipes import qformer as qformer_recipe
     from course_lib.recipes import vlm
@@ -233,7 +233,7 @@ def test_no_weight_decay_on_tokens_in_every_vlm_training_path(monkeypatch):
     }
     for name in ("linear", "mlp", "qformer"):
         paths[f"connector {name}"] = lambda name=name: (
-            qformer.Connectors(qformer.ConnectorsConfig({"linear": "linear", "mlp": "mlp", "qformer": "qformer"}, 32, 32, qf_config))[name],
+            connectors.Connectors(connectors.ConnectorsConfig({"linear": "linear", "mlp": "mlp", "qformer": "qformer"}, 32, 32, qf_config))[name],
             qformer_recipe.ConnectorLoss(freeze(lm()), feats), (cap_index, cap_ids, cap_targets))
     for path, build in paths.items():
         model, loss_fn, batch = build()
@@ -242,3 +242,22 @@ def test_no_weight_decay_on_tokens_in_every_vlm_training_path(monkeypatch):
         print(f"{path}: {len(decayed)} decayed tensors")
         assert decayed and not wrong, f"{path} decays {wrong}"
         assert all(model.get_parameter(n).ndim >= 2 for n in decayed), path
+
+
+BAD_INPUTS = {
+    "ids outside the vocabulary": (lambda: TinyLM(TinyLMConfig(vocab_size=10))(torch.full((1, 2), 12)), "vocab_size=tokenizer.vocab_size"),
+    "nothing to generate": (lambda: TinyLM(TinyLMConfig(vocab_size=10)).generate(torch.ones(1, 2, dtype=torch.long), max_new_tokens=0),
+                            "max_new_tokens"),
+    "no sequences to pad": (lambda: pad_batch([], 0), "no sequences"),
+    "answers for other scenes": (lambda: __import__("course_lib.recipes.vlm", fromlist=["x"]).answer_accuracy([], data.scenes(2, "test")),
+                                 "answer every scene"),
+    "prompt without a connector": (lambda: __import__("course_lib.recipes.vlm", fromlist=["x"]).answer_questions(
+        None, scene_tokenizer(), data.scenes(2, "test"), torch.zeros(2), None), "or neither"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_inputs_raise_clear_errors(case):
+    fn, match = BAD_INPUTS[case]
+    with pytest.raises((ValueError, TypeError), match=match):
+        fn()

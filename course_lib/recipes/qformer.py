@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..qformer import Connectors, ConnectorsConfig, QFormer, QFormerConfig, max_query_similarity
+from ..connectors import Connectors, ConnectorsConfig
+from ..qformer import QFormer, QFormerConfig, max_query_similarity
 from ..tinylm import TinyLM, lm_loss
 from ..utils import freeze, load_checkpoint
 from .text import WordTokenizer, pad_batch
@@ -52,6 +53,8 @@ def connector_data(*examples: tuple[torch.Tensor, ...], pad_id: int = 0) -> tupl
     (image_index (M,), input_ids (M, T), targets (M, T)), padded to the longest."""
     if not examples:
         raise ValueError("connector_data needs at least one example set, e.g. qa_examples(...)")
+    if any(len({len(t) for t in e[:3]}) != 1 for e in examples):
+        raise ValueError("each example set needs as many image indices as input_ids and targets rows")
     T = max(e[1].shape[1] for e in examples)
     pad = lambda t, value: torch.nn.functional.pad(t, (0, T - t.shape[1]), value=value)  # noqa: E731
     return (torch.cat([e[0] for e in examples]), torch.cat([pad(e[1], pad_id) for e in examples]),
@@ -72,6 +75,8 @@ class Stage1Loss:
         self.history: dict[str, list[float]] = {"itc": [], "itm": [], "itg": [], "itm_accuracy": []}
 
     def __call__(self, qformer: QFormer, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        if len(batch) != 2:
+            raise ValueError(f"stage 1 trains on (image_index, caption_ids), got a batch of {len(batch)} tensors")
         index, ids = batch
         out = qformer.stage1_losses(self.image_feats[index.cpu()].to(ids.device), ids, self.generator)
         for k in ("itc", "itm", "itg"):
@@ -150,6 +155,8 @@ class ConnectorLoss:
         self.lm, self.image_feats = lm, image_feats
 
     def __call__(self, connector: nn.Module, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, None]:
+        if len(batch) != 3:
+            raise ValueError(f"stage 2 trains on (image_index, input_ids, targets) from connector_data, got {len(batch)} tensors")
         index, ids, targets = batch
         prompt = connector(self.image_feats[index.cpu()].to(ids.device))
         return soft_prompt_loss(self.lm.to(ids.device), prompt, ids, targets), None
