@@ -159,6 +159,7 @@ def test_causal_text_tower_ignores_tokens_after_eos():
     report_diff("padding after <eot>", model.encode_text(noisy), model.encode_text(ids), 1e-6)
 
 
+@pytest.mark.slow
 def test_explicit_attention_path_agrees():
     from course_lib.layers import use_explicit_attention
 

@@ -155,6 +155,7 @@ def test_flamingo_equals_the_frozen_lm_at_init(every):
     assert torch.equal(model.gates(), torch.zeros(len(model.xattn_layers)))
 
 
+@pytest.mark.slow
 def test_flamingo_text_before_the_first_image_ignores_the_images():
     lm, vision = _toy_parts()
     model = Flamingo(lm, vision, FlamingoConfig(image_token_id=IMG, num_latents=3, resampler_heads=2, xattn_heads=2))

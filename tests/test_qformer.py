@@ -83,6 +83,7 @@ def test_hard_negatives_skip_excluded_pairs():
     assert neg_text.tolist() == [1, 0]
 
 
+@pytest.mark.slow
 def test_stage1_draws_hard_negatives_from_temperature_scaled_logits(monkeypatch):
     """Regression: the negatives were drawn from softmax(cosine similarity), nearly uniform over
     [-1, 1], so ITM trained on random negatives. BLIP-2 draws them from similarity / temperature."""
@@ -106,6 +107,7 @@ def test_stage1_draws_hard_negatives_from_temperature_scaled_logits(monkeypatch)
     assert seen["exclude"][1, 3] and seen["exclude"][3, 1] and not seen["exclude"][0, 1]
 
 
+@pytest.mark.slow
 def test_stage1_losses_and_the_masks_matter():
     torch.manual_seed(0)
     m = QFormer(QFormerConfig(dim=32, depth=2, num_heads=4, mlp_dim=64, num_queries=4, encoder_dim=24, vocab_size=20, max_text_len=8))
@@ -268,6 +270,7 @@ def test_stage2_examples_predict_only_the_answer():
 # ----------------------------------------------------------------------------------------------
 # Connector checkpoints: the library's save/load, the training script, the shipped results
 # ----------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_query_transformer_keeps_the_query_path(tmp_path):
     from course_lib.connectors import Connectors, ConnectorsConfig, make_connector
     from course_lib.qformer import query_transformer
