@@ -5,6 +5,8 @@
 
 The model config and the tokenizer's vocabulary are stored in the checkpoint's metadata, so
 `course_lib.recipes.clip.load_scenes_clip` rebuilds both exactly.
+
+Training runs through `course_lib.train.fit`, with the logit-scale clamp as its `after_step`.
 """
 
 from __future__ import annotations

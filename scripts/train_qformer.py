@@ -16,6 +16,10 @@ and save them as safetensors checkpoints.
    and to chance, goes into the metadata of `connectors_scenes.safetensors`.
 
 Everything runs on one CPU thread: the models are too small to gain from more.
+
+The shipped checkpoints were made before this script trained through `course_lib.train.fit` (it
+then drew random batches for a number of steps instead of epochs); a rerun makes new ones, with
+numbers of their own.
 """
 
 from __future__ import annotations

@@ -21,6 +21,10 @@ a large language model knows from reading: to answer, and to describe, from what
 A soft prompt that a connector writes in front of <bos> (lecture 07) can then be read. An LM trained
 on the first two kinds alone learns to ignore its prefix: even a soft prompt made from the true
 answers (an oracle) then barely moves its answers.
+
+The shipped checkpoints were made before this script trained through `course_lib.train.fit` (it
+then drew random batches for a number of steps instead of epochs); a rerun makes new ones, with
+numbers of their own.
 """
 
 from __future__ import annotations
