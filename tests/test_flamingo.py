@@ -279,3 +279,96 @@ def test_bad_inputs_raise_clear_errors(case):
     fn, match = BAD_INPUTS[case]
     with pytest.raises(ValueError, match=match):
         fn()
+
+
+# ----------------------------------------------------------------------------------------------
+# Lecture 08's experiment (course_lib.recipes.flamingo) and its shipped results
+# ----------------------------------------------------------------------------------------------
+def test_vqa_episodes_put_each_scenes_answer_at_the_answer_positions():
+    from course_lib.recipes.flamingo import QUESTIONS, vqa_episodes
+    from course_lib.recipes.text import scene_tokenizer
+
+    tok = scene_tokenizer()
+    answers = torch.tensor([[tok.ids["circle"], tok.ids["red"], tok.ids["one"]],
+                            [tok.ids["square"], tok.ids["blue"], tok.ids["two"]]])
+    idx, ids, targets, kind = vqa_episodes(tok, answers, 12, range(2), seed=0, shots=2)
+    assert idx.shape == (12, 3) and ids.shape == targets.shape and kind.shape == (12,)
+    for r in range(12):
+        at = targets[r] != -100
+        assert targets[r][at].tolist() == answers[idx[r], kind[r]].tolist()  # one answer per image, in order
+        assert (ids[r] == tok.image_id).sum() == 3
+        assert list(QUESTIONS.values())[kind[r]] in tok.decode(ids[r])
+    assert len(set(kind.tolist())) > 1
+    with pytest.raises(ValueError, match="shots >= 0"):
+        vqa_episodes(tok, answers, 4, range(2), seed=0, shots=-1)
+
+
+def test_binding_episodes_pair_labels_with_shapes_only_within_a_prompt():
+    from course_lib.recipes.flamingo import LABEL_WORDS, binding_episodes
+    from course_lib.recipes.text import scene_tokenizer
+
+    tok = scene_tokenizer()
+    classes = torch.arange(40) % 5  # scene i has shape i % 5
+    idx, ids, targets, query = binding_episodes(tok, classes, 50, list(range(40)), seed=0, shots=2)
+    label_ids = {tok.ids[w] for w in LABEL_WORDS}
+    mappings = set()
+    for r in range(50):
+        labels = [int(t) for t in ids[r] if int(t) in label_ids]  # the shots' labels, then the query's
+        shapes = classes[idx[r]].tolist()
+        assert len(set(shapes[:2])) == 2 and len(set(labels[:2])) == 2  # two shots: both shapes, two labels
+        assert query[r] == shapes[2] and labels[2] == labels[shapes[:2].index(shapes[2])]  # the query repeats its shape's label
+        assert targets[r][targets[r] != -100].tolist() == [labels[2]]  # only the query's label is a target
+        mappings.add(tuple(sorted(zip(shapes[:2], labels[:2]))))
+    assert len(mappings) > 10  # the pairing changes from prompt to prompt: only the examples tell it
+    _, _, train_targets, _ = binding_episodes(tok, classes, 5, list(range(40)), seed=0, shots=4, train=True)
+    assert ((train_targets != -100).sum(1) == 5).all()
+    with pytest.raises(ValueError, match="ways"):
+        binding_episodes(tok, classes, 5, list(range(40)), seed=0, shots=2, ways=9)
+
+
+def test_branch_monitor_measures_the_gated_branch_against_the_residual():
+    from course_lib.recipes.flamingo import BranchMonitor
+
+    lm, vision = _toy_parts()
+    model = Flamingo(lm, vision, FlamingoConfig(image_token_id=IMG, num_latents=3, resampler_heads=2, xattn_heads=2))
+    randomize_(model.resampler), randomize_(model.xattn_layers)
+    ids, images = _toy_batch()
+    block = model.xattn_layers["0"]
+    with BranchMonitor(model) as monitor:
+        model(ids, images)
+        monitor.step()
+    assert len(monitor.gate) == len(monitor.ratio) == 1 and len(monitor.ratio[0]) == len(model.xattn_layers)
+    # By hand for the first gated block: its input is the LM's embedded text.
+    x = lm.add_positions(lm.embed(ids))
+    media = model.resample(model.image_features(images))
+    from course_lib.flamingo import expand_media_mask, media_attention_mask
+
+    mask = expand_media_mask(media_attention_mask(ids == IMG, 2), 3)
+    branch = torch.tanh(block.alpha_xattn) * block.xattn(block.norm1(x), media, mask)[0]
+    seen = mask.any(-1)
+    expected = branch[seen].norm(dim=-1).mean() / x[seen].norm(dim=-1).mean()
+    assert monitor.ratio[0][0] == pytest.approx(float(expected), rel=1e-5)
+    assert monitor.gate[0][0] == pytest.approx(float(torch.tanh(block.alpha_xattn).abs().mean()))
+    model(ids, images)  # the hooks are gone after the with block: nothing more is recorded
+    monitor.step()
+    assert monitor.ratio[1] == monitor.ratio[0]
+
+
+def test_vqa_loss_shuffled_control_gives_each_prompt_other_images():
+    from course_lib.recipes.flamingo import VqaLoss
+
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        def forward(self, ids, features):
+            seen.append(features[:, 0, 0, 0, 0].tolist())
+            return torch.zeros(*ids.shape, 5)
+
+    features = torch.arange(8.0)[:, None, None, None].expand(8, 2, 1, 1)  # image i has feature value i
+    idx = torch.arange(8)[:, None]
+    ids, targets = torch.zeros(8, 3, dtype=torch.long), torch.full((8, 3), -100)
+    targets[:, 2] = 1
+    VqaLoss(features)(Recorder(), (idx, ids, targets))
+    VqaLoss(features, shuffle_images=True)(Recorder(), (idx, ids, targets))
+    assert seen[0] == list(range(8))
+    assert sorted(seen[1]) == list(range(8)) and seen[1] != list(range(8))
