@@ -6,7 +6,11 @@ Runs (name: gate shape, images, learning rate, epochs):
 - scalar_shuffled, vector_shuffled: the same with every prompt given another prompt's images;
 - scalar_lr2e-2: the learning rate the lecture first used;
 - scalar_live: the short run the notebook repeats live (compare its numbers with this file's);
-- prefix: Frozen's visual prefix (2 vectors per image) on the same prompts.
+- prefix: Frozen's visual prefix (2 vectors per image) on the same prompts;
+- binding_flamingo, binding_prefix: Frozen's fast binding (sec. 4.2): shapes named by labels drawn
+  afresh for every prompt, which only the prompt's examples can give (not shown in the lecture:
+  at this scale the models have not learned it yet).
+The lecture reads scalar, scalar_shuffled and scalar_live.
 For each run the results file holds the per-question test accuracy, the loss, and for Flamingo
 tanh(alpha_xattn) and ||tanh(alpha) * xattn|| / ||x|| per layer every few steps.
 

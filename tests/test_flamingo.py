@@ -372,3 +372,31 @@ def test_vqa_loss_shuffled_control_gives_each_prompt_other_images():
     VqaLoss(features, shuffle_images=True)(Recorder(), (idx, ids, targets))
     assert seen[0] == list(range(8))
     assert sorted(seen[1]) == list(range(8)) and seen[1] != list(range(8))
+
+
+def _shipped_sweep() -> dict:
+    import json
+
+    from course_lib.utils import CHECKPOINTS
+
+    return json.loads((CHECKPOINTS / "flamingo_sweep.json").read_text())
+
+
+def test_shipped_sweep_supports_lecture_08():
+    """What lecture 08 says about scripts/sweep_flamingo.py's runs (scalar gates, lr 2e-3)."""
+    sweep = _shipped_sweep()
+    short, full, control = sweep["scalar_live"]["test"], sweep["scalar"]["test"], sweep["scalar_shuffled"]["test"]
+    chance = {"shape": 1 / 5, "color": 1 / 6, "count": 1 / 3}
+    # After one epoch only the count is learned; the average hides it.
+    assert short["count"] > 0.95 and all(short[k] < chance[k] + 0.05 for k in ("shape", "color"))
+    # After ten, every question kind is learned on unseen scenes.
+    assert all(full[k] > 0.85 for k in chance), full
+    # The examples in these prompts add nothing: the answer after 2 examples is no better than after 0.
+    assert full["after 2 examples"] <= full["after 0 examples"] + 0.01
+    # Images that say nothing: every kind stays near chance.
+    assert all(control[k] < chance[k] + 0.1 for k in chance), control
+    # A small gate is not a closed branch: layer 0's gate ends below 0.05 and its branch adds > 20% of ||x||.
+    assert sweep["scalar"]["gate"][-1][0] < 0.05 and sweep["scalar"]["ratio"][-1][0] > 0.2
+    # ... and with images that say nothing the gates return to 0 and the branch adds nothing.
+    shuffled = sweep["scalar_shuffled"]
+    assert max(shuffled["gate"][-1]) < 0.005 and max(shuffled["ratio"][-1]) < 0.01
