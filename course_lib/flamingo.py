@@ -10,7 +10,7 @@ Perceiver Resampler and gated cross-attention layers, reading interleaved image-
 - `media_attention_mask` (sec. 2.3): each text token sees only the image that comes immediately
   before it; tokens before any image see none, and their cross-attention output is zero.
 - `Flamingo`: inserts a gated block before every `cross_attn_every`-th block of a frozen LM.
-(Frozen's visual prefix, the baseline lecture 08 compares with, is `course_lib.connectors.VisualPrefixLM`.)
+(Frozen's visual prefix, which lecture 08 describes beside Flamingo, is `course_lib.connectors.VisualPrefixLM`.)
 
 Parity references: transformers' `IdeficsPerceiverResampler` and `IdeficsGatedCrossAttentionLayer`
 (IDEFICS is an open reproduction of Flamingo). IDEFICS uses RMSNorm and a SiLU-gated feed-forward
