@@ -10,8 +10,11 @@ training loss for `fit`, accuracy per question, and what the gated branches cont
   branch relative to the residual stream it is added to, ||tanh(alpha) * xattn|| / ||x||, per layer:
   a small gate times large branch weights can still add a lot;
 - `question_accuracy`: accuracy of the last answer of each prompt per question kind, and of the
-  answers after 0, 1, ... examples.
-scripts/sweep_flamingo.py trains with these and ships the results the lecture plots.
+  answers after 0, 1, ... examples;
+- `binding_episodes`, `query_accuracy`: Frozen's fast binding, labels paired with shapes afresh in
+  every prompt, so that only the examples can tell the answer (not yet learned at this scale: the
+  lecture does not use it).
+`prepare_scenes` computes what every run shares; scripts/sweep_flamingo.py trains with these and ships the results the lecture plots.
 """
 
 from __future__ import annotations
