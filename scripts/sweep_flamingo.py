@@ -102,6 +102,18 @@ def run(name: str, s: dict) -> dict:
     return result
 
 
+def dumps(results: dict) -> str:
+    """JSON with one run per line and 4 decimals: small, and a rerun's diff is readable."""
+    def rounded(v):
+        if isinstance(v, float):
+            return round(v, 4)
+        if isinstance(v, dict):
+            return {k: rounded(x) for k, x in v.items()}
+        return [rounded(x) for x in v] if isinstance(v, (list, tuple)) else v
+    lines = [f"{json.dumps(k)}: {json.dumps(rounded(v))}" for k, v in results.items()]
+    return "{\n" + ",\n".join(lines) + "\n}\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
@@ -115,7 +127,7 @@ def main() -> None:
         results[name] = run(name, setup)
         r = results[name]
         print(f"{name}: {r['seconds']:.0f} s, test " + ", ".join(f"{k} {v:.3f}" for k, v in r["test"].items()), flush=True)
-        args.out.write_text(json.dumps(results, indent=1))  # after every run: a partial sweep is kept
+        args.out.write_text(dumps(results))  # after every run: a partial sweep is kept
 
 
 if __name__ == "__main__":
