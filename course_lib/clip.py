@@ -14,20 +14,14 @@ prompt per class, and pick the class whose prompt is closest to the image (CLIP 
 from __future__ import annotations
 
 import math
-import re
-from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .hf import cfg, fuse_qkv, load_hf_checkpoint, rename_keys
-from .layers import Block, Mlp, attention, causal_mask, load_state_dict_checked
-from .utils import load_checkpoint
+from .layers import Attention, Block, Mlp, causal_mask, load_state_dict_checked
 from .vit import ViT, ViTConfig
 
 CLIP_LOGIT_SCALE_INIT = math.log(1 / 0.07)  # temperature 0.07 at init (CLIP sec. 2.5)
@@ -147,60 +141,6 @@ def recall_at_k(similarity: torch.Tensor, k: int) -> float:
 
 
 # ----------------------------------------------------------------------------------------------
-# A word-level tokenizer for the scenes captions (built in code: nothing to download)
-# ----------------------------------------------------------------------------------------------
-class SceneTokenizer:
-    """Lower-cased words and punctuation -> ids, with [start-of-text] and [end-of-text] around
-    each text, as CLIP's tokenizer does (CLIP sec. 2.4 uses a 49,152-word byte-pair vocabulary;
-    the scenes captions need a few dozen words). Unknown words map to <unk>."""
-
-    specials = ("<pad>", "<unk>", "<sot>", "<eot>")
-
-    def __init__(self, words: Sequence[str]):
-        self.vocab = list(self.specials) + [w for w in words if w not in self.specials]
-        self.ids = {w: i for i, w in enumerate(self.vocab)}
-        self.pad_id, self.unk_id, self.sot_id, self.eot_id = range(4)
-
-    @classmethod
-    def from_texts(cls, texts: Iterable[str], min_count: int = 1) -> "SceneTokenizer":
-        """Build the vocabulary from a corpus: words seen at least `min_count` times, the most
-        frequent first (ties alphabetically, so the same corpus always gives the same ids)."""
-        counts = Counter(w for t in texts for w in cls.split(t))
-        words = sorted((w for w, c in counts.items() if c >= min_count), key=lambda w: (-counts[w], w))
-        return cls(words)
-
-    @staticmethod
-    def split(text: str) -> list[str]:
-        return re.findall(r"[a-z0-9]+|[^\sa-z0-9]", text.lower())
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self.vocab)
-
-    def __len__(self) -> int:
-        return len(self.vocab)
-
-    def encode(self, texts: str | Sequence[str], context_length: int = 40) -> torch.Tensor:
-        """Texts -> ids (B, context_length): <sot> words <eot> <pad> ... A text that is too long
-        is cut and still ends with <eot>, so that end-of-text pooling always finds it."""
-        if isinstance(texts, str):
-            texts = [texts]
-        if context_length < 3:
-            raise ValueError(f"context_length {context_length} is too short: <sot> and <eot> take two places")
-        out = torch.full((len(texts), context_length), self.pad_id, dtype=torch.long)
-        for i, text in enumerate(texts):
-            ids = [self.ids.get(w, self.unk_id) for w in self.split(text)][: context_length - 2]
-            ids = [self.sot_id] + ids + [self.eot_id]
-            out[i, : len(ids)] = torch.tensor(ids)
-        return out
-
-    def decode(self, ids: torch.Tensor | Sequence[int]) -> str:
-        """One row of ids -> text, without the special tokens."""
-        words = [self.vocab[int(i)] for i in ids if int(i) >= len(self.specials)]
-        return re.sub(r" ([^\sa-z0-9])", r"\1", " ".join(words))
-
-
-# ----------------------------------------------------------------------------------------------
 # The towers
 # ----------------------------------------------------------------------------------------------
 class QuickGELU(nn.Module):
@@ -249,27 +189,18 @@ def pool_text(tokens: torch.Tensor, input_ids: torch.Tensor, mode: str, eos_toke
 
 class AttentionPool(nn.Module):
     """Multihead attention pooling (MAP), SigLIP's image pooling: one learned query (the probe)
-    attends over all patch tokens, then a residual MLP refines the result. (B, N, D) -> (B, D)."""
+    cross-attends over all patch tokens, then a residual MLP refines the result. (B, N, D) -> (B, D)."""
 
     def __init__(self, dim: int, num_heads: int, mlp_dim: int, eps: float, act: str = "gelu"):
         super().__init__()
-        self.num_heads = num_heads
         self.probe = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
-        self.q = nn.Linear(dim, dim)
-        self.kv = nn.Linear(dim, 2 * dim)
-        self.proj = nn.Linear(dim, dim)
+        self.attn = Attention(dim, num_heads, context_dim=dim)
         self.norm = nn.LayerNorm(dim, eps=eps)
         self.mlp = Mlp(dim, mlp_dim)
         self.mlp.act = make_activation(act)
-        self.use_sdpa = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, N, D = x.shape
-        hd = D // self.num_heads
-        q = self.q(self.probe).reshape(1, 1, self.num_heads, hd).transpose(1, 2)  # (1, heads, 1, hd)
-        k, v = self.kv(x).reshape(B, N, 2, self.num_heads, hd).permute(2, 0, 3, 1, 4)  # 2 x (B, heads, N, hd)
-        out, _ = attention(q.expand(B, -1, -1, -1), k, v, use_sdpa=self.use_sdpa)  # (B, heads, 1, hd)
-        out = self.proj(out.transpose(1, 2).reshape(B, 1, D))
+        out, _ = self.attn(self.probe.expand(x.shape[0], -1, -1), context=x)  # (B, 1, D)
         out = out + self.mlp(self.norm(out))
         return out[:, 0]
 
@@ -319,7 +250,7 @@ class CLIPConfig:
     text_mlp_ratio: float = 4.0
     causal: bool = True  # CLIP: causal mask (as GPT-2); SigLIP: bidirectional
     text_pool: str = "eos"  # "eos" | "argmax" | "last", see pool_text
-    eos_token_id: int = 3  # SceneTokenizer's <eot>
+    eos_token_id: int = 3  # <eot> of the scenes caption tokenizer (course_lib.recipes.text)
     text_proj_bias: bool = False
     # both towers
     act: str = "gelu"
@@ -342,6 +273,10 @@ class CLIPConfig:
                 f"without an image projection the image width {self.vision_dim} is the embedding width, "
                 f"but embed_dim is {self.embed_dim}: set image_proj=True or embed_dim={self.vision_dim}"
             )
+        if min(self.embed_dim, self.vocab_size, self.context_length, self.text_depth, self.text_heads) < 1:
+            raise ValueError("embed_dim, vocab_size, context_length, text_depth and text_heads must all be positive")
+        if self.text_dim % self.text_heads != 0:
+            raise ValueError(f"text width {self.text_dim} is not divisible by {self.text_heads} heads: pick a head count that divides it")
         make_activation(self.act)
         self.vision_config()  # validates image and patch sizes and head counts
 
@@ -506,62 +441,6 @@ class CLIP(nn.Module):
         return model
 
 
-def batch_loss(model: CLIP, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, None]:
-    """`loss_fn` for course_lib.train.fit with data (images, token_ids)."""
-    return model.loss(batch[0], batch[1]), None
-
-
-@contextmanager
-def clamp_logit_scale_after_each_step(model: CLIP) -> Iterator[CLIP]:
-    """Clamp `model`'s logit scale after every optimizer step taken inside the block, as CLIP
-    does. `fit` builds its own optimizer, so the hook is registered for every optimizer."""
-    handle = register_optimizer_step_post_hook(lambda opt, args, kwargs: model.clamp_logit_scale_())
-    try:
-        yield model
-    finally:
-        handle.remove()
-
-
-# ----------------------------------------------------------------------------------------------
-# Zero-shot classification (CLIP sec. 3.1)
-# ----------------------------------------------------------------------------------------------
-@torch.no_grad()
-def class_embeddings(model: CLIP, prompts: Sequence[Sequence[str]], tokenizer: SceneTokenizer) -> torch.Tensor:
-    """One embedding per class from a list of prompts per class: embed each prompt, L2-normalise,
-    average over the class's prompts and normalise again ("prompt ensembling", CLIP sec. 3.1.4).
-    Returns (C, embed_dim), the weights of a linear classifier on normalised image embeddings."""
-    device = model.logit_scale.device
-    weights = []
-    for class_prompts in prompts:
-        if len(class_prompts) == 0:
-            raise ValueError("every class needs at least one prompt")
-        ids = tokenizer.encode(list(class_prompts), model.config.context_length).to(device)
-        emb = model.encode_text(ids, normalize=True).mean(dim=0)
-        weights.append(F.normalize(emb, dim=-1))
-    return torch.stack(weights)
-
-
-def zero_shot_classifier(
-    model: CLIP, class_names: Sequence[str], templates: Sequence[str], tokenizer: SceneTokenizer
-) -> torch.Tensor:
-    """Class weights (C, embed_dim) from class names and prompt templates such as "a large {}":
-    each template is filled with each class name, and a class's prompts are ensembled."""
-    if any("{}" not in t for t in templates):
-        raise ValueError(f"every template needs a '{{}}' where the class name goes, got {list(templates)}")
-    return class_embeddings(model, [[t.format(name) for t in templates] for name in class_names], tokenizer)
-
-
-@torch.no_grad()
-def zero_shot_logits(model: CLIP, images: torch.Tensor, classifier: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """Images (B, C, H, W) and class weights (K, D) -> scaled cosine logits (B, K); argmax = class."""
-    device = classifier.device
-    out = [
-        model.encode_image(images[i : i + batch_size].to(device), normalize=True) @ classifier.T
-        for i in range(0, images.shape[0], batch_size)
-    ]
-    return torch.cat(out) * model.logit_scale.exp()
-
-
 # ----------------------------------------------------------------------------------------------
 # transformers checkpoints
 # ----------------------------------------------------------------------------------------------
@@ -642,7 +521,7 @@ _HF_RULES = [
     (r"\.self_attn\.(q|k|v)_proj\.", r".attn.\1."),
     (r"\.self_attn\.out_proj\.", ".attn.proj."),
     (r"\.layer_norm(\d)\.", r".norm\1."),
-    (r"attn_pool\.attention\.out_proj\.", "attn_pool.proj."),
+    (r"attn_pool\.attention\.out_proj\.", "attn_pool.attn.proj."),
     (r"attn_pool\.layernorm\.", "attn_pool.norm."),
 ]
 
@@ -661,7 +540,8 @@ def convert_hf_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
         if key in out:
             w = out.pop(key)
             d = w.shape[0] // 3
-            out[f"visual.attn_pool.q.{kind}"], out[f"visual.attn_pool.kv.{kind}"] = w[:d], w[d:]
+            for i, name in enumerate("qkv"):
+                out[f"visual.attn_pool.attn.{name}.{kind}"] = w[i * d : (i + 1) * d]
     return out
 
 
@@ -703,13 +583,3 @@ def siglip_base(**kw) -> CLIP:
         logit_scale_init=SIGLIP_LOGIT_SCALE_INIT, logit_bias_init=SIGLIP_LOGIT_BIAS_INIT, max_logit_scale=None,
     )
     return CLIP(CLIPConfig(**{**defaults, **kw}))
-
-
-def load_scenes_clip(path: str = "clip_scenes.safetensors") -> tuple[CLIP, SceneTokenizer, dict[str, str]]:
-    """The CLIP trained on scenes captions by scripts/train_clip.py: (model, tokenizer, metadata)."""
-    import json
-
-    model, meta = load_checkpoint(path, CLIP, CLIPConfig)
-    if "vocab" not in meta:
-        raise ValueError(f"{path} stores no vocabulary: was it written by scripts/train_clip.py?")
-    return model, SceneTokenizer(json.loads(meta.pop("vocab"))[len(SceneTokenizer.specials) :]), meta

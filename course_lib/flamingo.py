@@ -10,8 +10,7 @@ Perceiver Resampler and gated cross-attention layers, reading interleaved image-
 - `media_attention_mask` (sec. 2.3): each text token sees only the image that comes immediately
   before it; tokens before any image see none, and their cross-attention output is zero.
 - `Flamingo`: inserts a gated block before every `cross_attn_every`-th block of a frozen LM.
-- `VisualPrefixLM`: the baseline of Frozen (Tsimpoukelli et al., 2021), which maps each image to
-  a few embeddings written into the LM's input sequence (a "visual prefix").
+(Frozen's visual prefix, which lecture 08 describes beside Flamingo, is `course_lib.connectors.VisualPrefixLM`.)
 
 Parity references: transformers' `IdeficsPerceiverResampler` and `IdeficsGatedCrossAttentionLayer`
 (IDEFICS is an open reproduction of Flamingo). IDEFICS uses RMSNorm and a SiLU-gated feed-forward
@@ -26,9 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .layers import causal_mask
 from .hf import cfg, load_hf_checkpoint, rename_keys
-from .layers import attention, load_state_dict_checked
+from .layers import Attention, causal_mask, load_state_dict_checked
 from .utils import freeze
 
 NORMS = ("layernorm", "rmsnorm")
@@ -42,16 +40,6 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 
 def _norm(kind: str, dim: int, eps: float) -> nn.Module:
     return nn.LayerNorm(dim, eps=eps) if kind == "layernorm" else nn.RMSNorm(dim, eps=eps)
-
-
-def _split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
-    B, N, _ = x.shape
-    return x.reshape(B, N, num_heads, -1).transpose(1, 2)  # (B, N, h*d) -> (B, h, N, d)
-
-
-def _merge_heads(x: torch.Tensor) -> torch.Tensor:
-    B, h, N, d = x.shape
-    return x.transpose(1, 2).reshape(B, N, h * d)  # (B, h, N, d) -> (B, N, h*d)
 
 
 class FeedForward(nn.Module):
@@ -111,6 +99,8 @@ def media_attention_mask(
 def expand_media_mask(mask: torch.Tensor, tokens_per_media: int) -> torch.Tensor:
     """(B, T, M) per-image mask -> (B, T, M * tokens_per_media) per-visual-token mask, for media
     flattened image by image into one (B, M * tokens_per_media, D) sequence."""
+    if mask.ndim != 3 or tokens_per_media < 1:
+        raise ValueError(f"expected a (batch, tokens, images) mask and tokens_per_media >= 1, got {tuple(mask.shape)} and {tokens_per_media}")
     return mask.repeat_interleave(tokens_per_media, dim=-1)
 
 
@@ -130,21 +120,18 @@ class PerceiverConfig:
 
     def __post_init__(self) -> None:
         _check_choice("act", self.act, ("gelu", "relu"))
+        if min(self.dim, self.depth, self.num_heads, self.head_dim, self.num_latents) < 1:
+            raise ValueError("dim, depth, num_heads, head_dim and num_latents must all be positive")
 
 
-class PerceiverAttention(nn.Module):
-    """Latents (queries) attend to concat(media, latents) (keys and values), bias-free."""
+class PerceiverAttention(Attention):
+    """Latents (queries) attend to concat(media, latents) (keys and values), bias-free: the
+    course's cross-attention, whose context is the media with the latents appended."""
 
     def __init__(self, dim: int, num_heads: int, head_dim: int, eps: float = 1e-5):
-        super().__init__()
-        self.num_heads = num_heads
+        super().__init__(dim, num_heads, context_dim=dim, head_dim=head_dim, qkv_bias=False, proj_bias=False)
         self.norm_media = nn.LayerNorm(dim, eps=eps)
         self.norm_latents = nn.LayerNorm(dim, eps=eps)
-        self.q = nn.Linear(dim, num_heads * head_dim, bias=False)
-        self.k = nn.Linear(dim, num_heads * head_dim, bias=False)
-        self.v = nn.Linear(dim, num_heads * head_dim, bias=False)
-        self.proj = nn.Linear(num_heads * head_dim, dim, bias=False)
-        self.use_sdpa = True
 
     def forward(
         self, media: torch.Tensor, latents: torch.Tensor, return_weights: bool = False
@@ -152,12 +139,8 @@ class PerceiverAttention(nn.Module):
         """media (B, N, D), latents (B, L, D) -> (update (B, L, D), weights (B, h, L, N + L) or None)."""
         media, latents = self.norm_media(media), self.norm_latents(latents)
         # The latents are keys too (Fig. 5): each latent can keep what it already holds.
-        kv_input = torch.cat([media, latents], dim=1)  # (B, N + L, D)
-        q = _split_heads(self.q(latents), self.num_heads)  # (B, h, L, d)
-        k = _split_heads(self.k(kv_input), self.num_heads)  # (B, h, N + L, d)
-        v = _split_heads(self.v(kv_input), self.num_heads)
-        out, weights = attention(q, k, v, use_sdpa=self.use_sdpa and not return_weights)
-        return self.proj(_merge_heads(out)), weights
+        context = torch.cat([media, latents], dim=1)  # (B, N + L, D)
+        return super().forward(latents, context, return_weights=return_weights)
 
 
 class PerceiverResampler(nn.Module):
@@ -272,47 +255,49 @@ class GatedXAttnConfig:
 
 def gated_residual(x: torch.Tensor, branch: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     """x + tanh(alpha) * branch (Flamingo eq. in Fig. 4). alpha = 0 gives back x exactly."""
+    if x.shape != branch.shape:
+        raise ValueError(f"the residual {tuple(x.shape)} and the branch {tuple(branch.shape)} must have one shape")
     return x + torch.tanh(alpha) * branch
 
 
-class CrossAttention(nn.Module):
-    """Text queries (B, T, dim) attend to visual keys/values (B, S, media_dim), bias-free."""
+def media_cross_attention_mask(media_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flamingo's per-token media mask as an attention mask, and which tokens have an image at all.
+
+    media_mask (B, T, S) boolean, True where text token t may attend to visual token s.
+    Returns (mask (B, 1, T, S), broadcast over the heads; has_media (B, T), False for text before
+    the first image). Such a token has no key to attend to, and softmax over nothing is 0/0: its
+    row is opened to every key here, and the caller zeroes its output with `has_media`.
+    """
+    if media_mask.ndim != 3 or media_mask.dtype != torch.bool:
+        raise ValueError(f"media_mask must be boolean (batch, text tokens, visual tokens), got {media_mask.dtype} {tuple(media_mask.shape)}")
+    has_media = media_mask.any(-1)  # (B, T)
+    return (media_mask | ~has_media[..., None])[:, None], has_media
+
+
+class CrossAttention(Attention):
+    """Text queries (B, T, dim) attend to visual keys/values (B, S, media_dim), bias-free, under
+    Flamingo's media mask: the course's cross-attention, with the rows of text that precede
+    every image set to zero."""
 
     def __init__(self, dim: int, media_dim: int, num_heads: int):
-        super().__init__()
-        self.num_heads = num_heads
-        self.q = nn.Linear(dim, dim, bias=False)
-        self.k = nn.Linear(media_dim, dim, bias=False)
-        self.v = nn.Linear(media_dim, dim, bias=False)
-        self.proj = nn.Linear(dim, dim, bias=False)
-        self.use_sdpa = True
+        super().__init__(dim, num_heads, context_dim=media_dim, qkv_bias=False, proj_bias=False)
 
     def forward(
         self, x: torch.Tensor, media: torch.Tensor, media_mask: torch.Tensor | None = None, return_weights: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x (B, T, dim), media (B, S, media_dim), media_mask (B, T, S) boolean (True = may attend;
-        None = all) -> (out (B, T, dim), weights (B, h, T, S) or None).
-
-        A token whose mask row is all False (text before the first image) gets a zero output.
-        """
-        mask, has_media = None, None
-        if media_mask is not None:
-            if media_mask.shape != (x.shape[0], x.shape[1], media.shape[1]):
-                raise ValueError(
-                    f"media_mask must be (batch, text tokens, visual tokens) = {(x.shape[0], x.shape[1], media.shape[1])}, "
-                    f"got {tuple(media_mask.shape)}: expand the per-image mask with expand_media_mask"
-                )
-            has_media = media_mask.any(-1)  # (B, T): False before the first image
-            # A row with no visible key would make softmax 0/0; let it see everything, zero it below.
-            mask = (media_mask | ~has_media[..., None])[:, None]  # (B, 1, T, S), broadcast over heads
-        q = _split_heads(self.q(x), self.num_heads)  # (B, h, T, d)
-        k = _split_heads(self.k(media), self.num_heads)  # (B, h, S, d)
-        v = _split_heads(self.v(media), self.num_heads)
-        out, weights = attention(q, k, v, mask, use_sdpa=self.use_sdpa and not return_weights)
-        out = self.proj(_merge_heads(out))
-        if has_media is not None:
-            out = out * has_media[..., None]  # tokens before any image get no cross-attention output
-            weights = weights * has_media[:, None, :, None] if weights is not None else None
+        None = all) -> (out (B, T, dim), weights (B, h, T, S) or None)."""
+        if media_mask is None:
+            return super().forward(x, media, return_weights=return_weights)
+        if media_mask.shape != (x.shape[0], x.shape[1], media.shape[1]):
+            raise ValueError(
+                f"media_mask must be (batch, text tokens, visual tokens) = {(x.shape[0], x.shape[1], media.shape[1])}, "
+                f"got {tuple(media_mask.shape)}: expand the per-image mask with expand_media_mask"
+            )
+        mask, has_media = media_cross_attention_mask(media_mask)
+        out, weights = super().forward(x, media, mask, return_weights=return_weights)
+        out = out * has_media[..., None]  # tokens before any image get no cross-attention output
+        weights = weights * has_media[:, None, :, None] if weights is not None else None
         return out, weights
 
 
@@ -417,6 +402,11 @@ class FlamingoConfig:
     only_immediate: bool = True
     alpha_shape: str = "scalar"  # one gate per layer branch, or "vector": one per channel
 
+    def __post_init__(self) -> None:
+        _check_choice("alpha_shape", self.alpha_shape, ("scalar", "vector"))
+        if min(self.num_latents, self.resampler_depth, self.resampler_heads, self.xattn_heads, self.cross_attn_every) < 1:
+            raise ValueError("num_latents, resampler_depth, the head counts and cross_attn_every must all be >= 1")
+
 
 class Flamingo(nn.Module):
     """A frozen vision encoder and a frozen causal LM, joined by trainable Flamingo parts.
@@ -494,44 +484,3 @@ class Flamingo(nn.Module):
                 x = self.xattn_layers[str(i)](x, media, media_mask)
             x = block(x, causal)
         return self.lm.lm_head(self.lm.norm(x))
-
-
-class VisualPrefixLM(nn.Module):
-    """Frozen (Tsimpoukelli et al., 2021): each image becomes `num_prefix` embeddings, a linear map
-    of the vision encoder's pooled feature reshaped to (num_prefix, lm_dim), written into the
-    LM's input where the text has `num_prefix` consecutive <image> tokens. The LM is unchanged.
-    (Frozen also trains its vision encoder; here both connectors get the same frozen encoder.)
-    """
-
-    def __init__(self, lm: nn.Module, vision: nn.Module, image_token_id: int, num_prefix: int = 2):
-        super().__init__()
-        self.lm, self.vision = freeze(lm), freeze(vision)
-        self.image_token_id, self.num_prefix = image_token_id, num_prefix
-        self.lm_dim = lm.lm_head.in_features
-        self.proj = nn.Linear(vision.norm.normalized_shape[0], num_prefix * self.lm_dim)
-
-    def train(self, mode: bool = True) -> "VisualPrefixLM":
-        super().train(mode)
-        self.lm.eval(), self.vision.eval()
-        return self
-
-    def forward(self, input_ids: torch.Tensor, images: torch.Tensor | None = None, features: torch.Tensor | None = None):
-        """input_ids (B, T) with M * num_prefix <image> tokens per row; images (B, M, C, H, W) or
-        the frozen encoder's features (B, M, N, Dv) -> logits (B, T, vocab)."""
-        if (images is None) == (features is None):
-            raise ValueError("pass exactly one of images (B, M, C, H, W) or features (B, M, N, D)")
-        if features is None:
-            with torch.no_grad():
-                features = self.vision.forward_features(images.flatten(0, 1)).unflatten(0, images.shape[:2])
-        B, M = features.shape[:2]
-        slots = input_ids == self.image_token_id
-        if (slots.sum(-1) != M * self.num_prefix).any():
-            raise ValueError(
-                f"each row needs {M * self.num_prefix} <image> tokens ({self.num_prefix} per image), "
-                f"got {slots.sum(-1).tolist()}"
-            )
-        pooled = features[:, :, 0]  # (B, M, Dv): the encoder's CLS token
-        prefix = self.proj(pooled).reshape(B, M * self.num_prefix, self.lm_dim)  # (B, M*n, D)
-        x = self.lm.embed(input_ids)
-        x = x.masked_scatter(slots[..., None], prefix.to(x.dtype))  # fills the slots in order
-        return self.lm(inputs_embeds=x)

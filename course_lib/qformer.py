@@ -11,7 +11,8 @@ encoder with three objectives that share one network and differ only in the self
   queries never see the text; the text tokens predict the next word.
 Stage 2 (sec. 3.3) projects the query outputs into the language model's embedding space and puts
 them in front of the text as a soft prompt (`prepend_soft_prompt`); only the Q-Former and the
-projection learn. `LinearConnector` and `MlpConnector` are the simpler connectors it is compared with.
+projection learn. `course_lib.connectors` holds the connector modules (the Q-Former with its
+projection, and the simpler ones it is compared with).
 
 The layer follows the BERT-style post-norm of the official code and of transformers'
 `Blip2QFormerModel`: x = LN(x + sublayer(x)); cross-attention to the image every
@@ -21,31 +22,29 @@ The layer follows the BERT-style post-norm of the official code and of transform
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import data
 from .hf import cfg, fuse_qkv, load_hf_checkpoint, rename_keys
-from .layers import Attention, Mlp, attention, load_state_dict_checked, param_groups
-from .tinylm import lm_loss, pad_batch
-from .train import cosine_schedule
-from .utils import CHECKPOINTS, load_checkpoint
+from .layers import Attention, Mlp, load_state_dict_checked
 
 
 # ----------------------------------------------------------------------------------------------
 # The three self-attention masks (BLIP-2 fig. 2, right). Boolean (L, L), True = may attend;
 # the sequence is [num_queries queries, text_len text tokens].
 # ----------------------------------------------------------------------------------------------
+def _check_lengths(num_queries: int, text_len: int) -> None:
+    if num_queries < 1 or text_len < 0:
+        raise ValueError(f"a mask needs at least one query and a text length >= 0, got {num_queries} and {text_len}")
+
+
 def itc_mask(num_queries: int, text_len: int) -> torch.Tensor:
     """Uni-modal mask for contrastive learning: queries see queries, text sees text, so neither
     can copy the answer from the other."""
+    _check_lengths(num_queries, text_len)
     L = num_queries + text_len
     mask = torch.zeros(L, L, dtype=torch.bool)
     mask[:num_queries, :num_queries] = True
@@ -56,6 +55,7 @@ def itc_mask(num_queries: int, text_len: int) -> torch.Tensor:
 def itm_mask(num_queries: int, text_len: int) -> torch.Tensor:
     """Bi-directional mask for matching: every token sees every token, so the query outputs can
     compare the image with the whole text."""
+    _check_lengths(num_queries, text_len)
     L = num_queries + text_len
     return torch.ones(L, L, dtype=torch.bool)
 
@@ -80,6 +80,8 @@ def with_text_padding(mask: torch.Tensor, text_keep: torch.Tensor) -> torch.Tens
     """
     B, T = text_keep.shape
     num_queries = mask.shape[0] - T
+    if mask.ndim != 2 or num_queries < 1:
+        raise ValueError(f"the mask {tuple(mask.shape)} does not cover the queries and the {T} text tokens: build it for this text length")
     keys = torch.cat([text_keep.new_ones(B, num_queries), text_keep], dim=1)  # (B, L)
     return mask.to(text_keep.device)[None, None] & keys[:, None, None, :]
 
@@ -90,6 +92,11 @@ def with_text_padding(mask: torch.Tensor, text_keep: torch.Tensor) -> torch.Tens
 def max_query_similarity(query_feats: torch.Tensor, text_feats: torch.Tensor) -> torch.Tensor:
     """ITC similarity (BLIP-2 sec. 3.2): cosine similarity of every query with the text, then the
     best query. query_feats (Bi, Nq, E), text_feats (Bt, E) -> (Bi, Bt)."""
+    if query_feats.ndim != 3 or text_feats.ndim != 2 or query_feats.shape[-1] != text_feats.shape[-1]:
+        raise ValueError(
+            f"expected query features (images, queries, E) and text features (texts, E) of one width E, got "
+            f"{tuple(query_feats.shape)} and {tuple(text_feats.shape)}: project both with vision_proj and text_proj"
+        )
     q = F.normalize(query_feats, dim=-1)
     t = F.normalize(text_feats, dim=-1)
     sims = torch.einsum("iqe,te->itq", q, t)  # (Bi, Bt, Nq)
@@ -98,6 +105,8 @@ def max_query_similarity(query_feats: torch.Tensor, text_feats: torch.Tensor) ->
 
 def itc_loss(similarity: torch.Tensor, temperature: torch.Tensor | float) -> torch.Tensor:
     """Symmetric InfoNCE on an (N, N) similarity matrix whose diagonal holds the true pairs."""
+    if similarity.ndim != 2 or similarity.shape[0] != similarity.shape[1]:
+        raise ValueError(f"itc_loss needs a square (N, N) similarity of N pairs, got {tuple(similarity.shape)}")
     logits = similarity / temperature
     labels = torch.arange(logits.shape[0], device=logits.device)
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
@@ -133,6 +142,13 @@ def sample_hard_negatives(logits: torch.Tensor, generator: torch.Generator | Non
     return neg_text, neg_image
 
 
+def itg_loss(logits: torch.Tensor, input_ids: torch.Tensor, pad_id: int = 0) -> torch.Tensor:
+    """Image-grounded text generation: the text token at position t predicts the token at t+1
+    (a language model's loss). logits (B, T, V), input_ids (B, T); padding predicts nothing."""
+    targets = input_ids[:, 1:].masked_fill(input_ids[:, 1:] == pad_id, -100)  # (B, T-1)
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+
+
 def itm_loss(match_logits: torch.Tensor, is_match: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Binary matching loss. match_logits (M, 2), is_match (M,) long -> (loss, n_correct)."""
     return F.cross_entropy(match_logits, is_match), (match_logits.argmax(-1) == is_match).sum()
@@ -161,34 +177,10 @@ class QFormerConfig:
             raise ValueError(f"cross_attention_freq must be >= 1, got {self.cross_attention_freq}")
         if self.num_queries < 1:
             raise ValueError(f"num_queries must be >= 1, got {self.num_queries}")
-
-
-class CrossAttention(nn.Module):
-    """Multi-head attention from x (B, Lq, D) to context (B, Lk, Dk): keys and values come from the
-    context, which may have another width (the image encoder's)."""
-
-    def __init__(self, dim: int, context_dim: int, num_heads: int):
-        super().__init__()
-        if dim % num_heads != 0:
-            raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
-        self.num_heads, self.head_dim = num_heads, dim // num_heads
-        self.q = nn.Linear(dim, dim)
-        self.k = nn.Linear(context_dim, dim)
-        self.v = nn.Linear(context_dim, dim)
-        self.proj = nn.Linear(dim, dim)
-        self.use_sdpa = True
-
-    def forward(self, x: torch.Tensor, context: torch.Tensor, return_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        B, Lq, D = x.shape
-        if context.shape[-1] != self.k.in_features:
-            raise ValueError(
-                f"image features have width {context.shape[-1]}, the Q-Former expects {self.k.in_features}: "
-                "set QFormerConfig(encoder_dim=...) to the image encoder's width"
-            )
-        heads = lambda t: t.reshape(B, t.shape[1], self.num_heads, self.head_dim).transpose(1, 2)  # (B, h, L, hd)
-        out, weights = attention(heads(self.q(x)), heads(self.k(context)), heads(self.v(context)),
-                                 use_sdpa=self.use_sdpa and not return_weights)
-        return self.proj(out.transpose(1, 2).reshape(B, Lq, D)), weights
+        if min(self.dim, self.depth, self.num_heads, self.mlp_dim, self.encoder_dim) < 1:
+            raise ValueError("dim, depth, num_heads, mlp_dim and encoder_dim must all be positive")
+        if self.dim % self.num_heads != 0:
+            raise ValueError(f"width {self.dim} is not divisible by {self.num_heads} heads: pick a head count that divides it")
 
 
 class QFormerLayer(nn.Module):
@@ -199,7 +191,7 @@ class QFormerLayer(nn.Module):
         super().__init__()
         self.attn = Attention(c.dim, c.num_heads)
         self.norm_self = nn.LayerNorm(c.dim, eps=c.eps)
-        self.cross_attn = CrossAttention(c.dim, c.encoder_dim, c.num_heads) if has_cross_attention else None
+        self.cross_attn = Attention(c.dim, c.num_heads, context_dim=c.encoder_dim) if has_cross_attention else None
         self.norm_cross = nn.LayerNorm(c.dim, eps=c.eps) if has_cross_attention else None
         self.mlp_query = Mlp(c.dim, c.mlp_dim)
         self.norm_query = nn.LayerNorm(c.dim, eps=c.eps)
@@ -215,7 +207,12 @@ class QFormerLayer(nn.Module):
         if self.cross_attn is not None:
             if image_feats is None:
                 raise ValueError("this layer cross-attends to the image: pass image_feats (B, N, encoder_dim)")
-            c, weights = self.cross_attn(q, image_feats, return_weights)
+            if image_feats.shape[-1] != self.cross_attn.k.in_features:
+                raise ValueError(
+                    f"image features have width {image_feats.shape[-1]}, the Q-Former expects {self.cross_attn.k.in_features}: "
+                    "set QFormerConfig(encoder_dim=...) to the image encoder's width"
+                )
+            c, weights = self.cross_attn(q, image_feats, return_weights=return_weights)
             q = self.norm_cross(q + c)
         q = self.norm_query(q + self.mlp_query(q))
         if t.shape[1] > 0:
@@ -287,6 +284,10 @@ class QFormer(nn.Module):
         mask_kind: "itc", "itm" or "itg" (see the mask functions); text_keep (B, T) marks real
         tokens (default: every id that is not 0, the tokenizer's <pad>).
         """
+        if image_feats is not None and image_feats.ndim != 3:
+            raise ValueError(f"image features must be (batch, tokens, encoder_dim), got {tuple(image_feats.shape)}")
+        if image_feats is None and input_ids is None:
+            raise ValueError("pass image features (B, N, encoder_dim), text ids (B, T), or both")
         B = image_feats.shape[0] if image_feats is not None else input_ids.shape[0]
         Nq = self.config.num_queries
         x = self.query_tokens.expand(B, -1, -1)
@@ -332,7 +333,7 @@ class QFormer(nn.Module):
         itm, itm_correct = itm_loss(match_logits, is_match)
         # ITG: the text tokens predict the next word, seeing the image only through the queries.
         h_itg = self(image_feats, input_ids, "itg")[:, Nq:]  # (B, T, D)
-        itg = lm_loss(self.lm_head(h_itg), input_ids.masked_fill(input_ids == 0, -100))
+        itg = itg_loss(self.lm_head(h_itg), input_ids)
         return {"itc": itc, "itm": itm, "itg": itg, "loss": itc + itm + itg, "itm_correct": itm_correct, "similarity": sim}
 
     # ------------------------------------------------------------------------------------------
@@ -437,43 +438,6 @@ def prepend_soft_prompt(query_out: torch.Tensor, proj: nn.Linear, text_embeds: t
     return torch.cat([prompt, text_embeds], dim=1)
 
 
-class LinearConnector(nn.Module):
-    """Every image token becomes one LM token through one linear map (LLaVA, Liu et al., 2023)."""
-
-    def __init__(self, encoder_dim: int, lm_dim: int):
-        super().__init__()
-        self.proj = nn.Linear(encoder_dim, lm_dim)
-
-    def forward(self, image_feats: torch.Tensor) -> torch.Tensor:
-        return self.proj(image_feats)  # (B, N, encoder_dim) -> (B, N, lm_dim)
-
-
-class MlpConnector(nn.Module):
-    """Every image token through a two-layer GELU MLP (LLaVA-1.5, Liu et al., 2024)."""
-
-    def __init__(self, encoder_dim: int, lm_dim: int):
-        super().__init__()
-        self.mlp = Mlp(encoder_dim, lm_dim, lm_dim)
-
-    def forward(self, image_feats: torch.Tensor) -> torch.Tensor:
-        return self.mlp(image_feats)
-
-
-class QFormerConnector(nn.Module):
-    """A Q-Former (queries only) plus BLIP-2's linear projection: always Nq prompt tokens."""
-
-    def __init__(self, qformer: QFormer, lm_dim: int):
-        super().__init__()
-        self.qformer = qformer
-        self.proj = nn.Linear(qformer.config.dim, lm_dim)
-
-    def no_weight_decay(self) -> set[str]:
-        return {f"qformer.{n}" for n in self.qformer.no_weight_decay()}
-
-    def forward(self, image_feats: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.qformer.query_outputs(image_feats))  # (B, Nq, lm_dim)
-
-
 def query_transformer(qformer: QFormer) -> QFormer:
     """The part of a stage-1 Q-Former that stage 2 keeps: the queries and their path through the
     layers (self-attention, cross-attention, query feed-forward), without the text embeddings, the
@@ -482,260 +446,3 @@ def query_transformer(qformer: QFormer) -> QFormer:
     keep = bare.state_dict().keys()
     bare.load_state_dict({k: v for k, v in qformer.state_dict().items() if k in keep})
     return bare
-
-
-CONNECTOR_KINDS = ("linear", "mlp", "qformer")
-
-
-def make_connector(kind: str, encoder_dim: int, lm_dim: int, qformer_config: QFormerConfig | None = None) -> nn.Module:
-    """A fresh connector: "linear" (LLaVA), "mlp" (LLaVA-1.5) or "qformer" (BLIP-2, queries only,
-    built from `qformer_config`)."""
-    if kind == "linear":
-        return LinearConnector(encoder_dim, lm_dim)
-    if kind == "mlp":
-        return MlpConnector(encoder_dim, lm_dim)
-    if kind == "qformer":
-        if qformer_config is None:
-            raise ValueError("a Q-Former connector needs qformer_config")
-        return QFormerConnector(QFormer(dataclasses.replace(qformer_config, vocab_size=0, text_ffn=False)), lm_dim)
-    raise ValueError(f"unknown connector kind {kind!r}; known: {CONNECTOR_KINDS}")
-
-
-def soft_prompt_loss(lm: nn.Module, prompt: torch.Tensor, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """The LM's next-token loss on the text after a soft prompt (B, P, D_lm).
-
-    targets (B, T): the ids to predict, -100 where nothing is predicted (padding, the question of a
-    question-answer pair). The prompt positions predict nothing.
-    """
-    logits = lm(inputs_embeds=torch.cat([prompt, lm.embed(input_ids)], dim=1))  # (B, P + T, V)
-    P = prompt.shape[1]
-    ignore = targets.new_full((targets.shape[0], P), -100)
-    return lm_loss(logits, torch.cat([ignore, targets], dim=1))
-
-
-# ----------------------------------------------------------------------------------------------
-# Stage 2 on the scenes: examples, training and the question-answering accuracy
-# ----------------------------------------------------------------------------------------------
-def qa_examples(ds, tokenizer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Every (image, question, answer) of a scenes dataset as LM training examples.
-
-    Returns image_index (M,), input_ids (M, T) = <bos> question answer <eos> <pad>..., targets
-    (M, T) = the answer and <eos>, -100 elsewhere (the question is given, not predicted), and the
-    question type (M,) (0 shape, 1 colour, 2 count, 3 position, 4 yes/no).
-    """
-    index, ids, targets, kind = [], [], [], []
-    for i, (qs, ans) in enumerate(zip(ds["questions"], ds["answers"])):
-        for k, (q, a) in enumerate(zip(qs, ans)):
-            question, answer = tokenizer.encode(q, bos=True), tokenizer.encode(a, eos=True)
-            index.append(i), kind.append(k)
-            ids.append(question + answer)
-            targets.append([-100] * len(question) + answer)
-    ids = pad_batch(ids, tokenizer.pad_id)
-    return torch.tensor(index), ids, pad_batch(targets, -100, ids.shape[1]), torch.tensor(kind)
-
-
-def caption_examples(ds, tokenizer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(image_index (N,), input_ids (N, T) = <bos> caption <eos> <pad>..., targets with -100 on padding)."""
-    ids = pad_batch([tokenizer.encode(c, bos=True, eos=True) for c in ds["caption"]], tokenizer.pad_id)
-    return torch.arange(ids.shape[0]), ids, ids.masked_fill(ids == tokenizer.pad_id, -100)
-
-
-def train_connector(connector: nn.Module, lm: nn.Module, image_feats: torch.Tensor, examples: list[tuple],
-                    steps: int, batch_size: int = 64, lr: float = 2e-3, seed: int = 0) -> list[float]:
-    """Stage 2: train `connector` (image features -> soft prompt) through the frozen `lm`.
-
-    examples: a list of (image_index, input_ids, targets, ...) tuples (from qa_examples,
-    caption_examples); each step takes one batch from each. Returns the loss of every step.
-    """
-    opt = torch.optim.AdamW(param_groups(connector, 0.05), lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_schedule(steps, max(1, steps // 10)))
-    g = torch.Generator().manual_seed(seed)
-    connector.train()
-    losses = []
-    for _ in range(steps):
-        loss = 0.0
-        for index, ids, targets, *_ in examples:
-            pick = torch.randint(0, ids.shape[0], (batch_size,), generator=g)
-            loss = loss + soft_prompt_loss(lm, connector(image_feats[index[pick]]), ids[pick], targets[pick])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-    connector.eval()
-    return losses
-
-
-@torch.no_grad()
-def answer_questions(lm: nn.Module, tokenizer, ds, image_feats: torch.Tensor | None, connector: nn.Module | None) -> list[list[str]]:
-    """Greedy answers of the frozen LM to every question of `ds`, after the connector's soft prompt
-    (or with no prompt when connector is None: the LM's prior alone). Returns answers[image][question]."""
-    n = len(ds)
-    questions = ds["questions"]
-    prompt = connector(image_feats) if connector is not None else None
-    out = [[""] * len(questions[0]) for _ in range(n)]
-    for k in range(len(questions[0])):  # every scene's k-th question has the same number of words
-        ids = torch.tensor([tokenizer.encode(qs[k], bos=True) for qs in questions])
-        embeds = lm.embed(ids)
-        if prompt is not None:
-            embeds = torch.cat([prompt, embeds], dim=1)
-        new = lm.generate(inputs_embeds=embeds, max_new_tokens=3, eos_id=tokenizer.eos_id)
-        for i in range(n):
-            out[i][k] = tokenizer.decode(new[i])
-    return out
-
-
-@torch.no_grad()
-def answer_after_captions(lm: nn.Module, tokenizer, ds) -> list[list[str]]:
-    """Greedy answers of the frozen LM to every question of `ds` when the scene's true caption, as
-    words, precedes <bos> and the question: what a connector whose soft prompt said everything the
-    caption says could reach (a ceiling). Returns answers[image][question], like answer_questions."""
-    contexts = [tokenizer.encode(c) for c in ds["caption"]]
-    questions = ds["questions"]
-    by_length: dict[int, list[int]] = {}
-    for i, c in enumerate(contexts):  # captions of one length batch together (no padding needed)
-        by_length.setdefault(len(c), []).append(i)
-    out = [[""] * len(questions[0]) for _ in range(len(contexts))]
-    for k in range(len(questions[0])):
-        for rows in by_length.values():
-            ids = torch.tensor([contexts[i] + tokenizer.encode(questions[i][k], bos=True) for i in rows])
-            new = lm.generate(ids, max_new_tokens=3, eos_id=tokenizer.eos_id)
-            for i, row in zip(rows, new):
-                out[i][k] = tokenizer.decode(row)
-    return out
-
-
-QUESTION_TYPES = ("shape", "color", "count", "position", "yes/no")  # the order of a scene's questions
-
-
-def answer_chance(ds) -> dict[str, float]:
-    """Chance per question type: 1 / the number of different answers the type has in `ds`."""
-    return {name: 1 / len({a[k] for a in ds["answers"]}) for k, name in enumerate(QUESTION_TYPES)}
-
-
-@torch.no_grad()
-def encode_images(encoder: nn.Module, ds, batch_size: int = 500) -> torch.Tensor:
-    """The frozen encoder's tokens for every image of `ds`: (N, 1 + patches, width)."""
-    images, _ = data.to_tensors(ds)
-    return torch.cat([encoder.forward_features(x) for x in images.split(batch_size)])
-
-
-def answer_accuracy(predicted: list[list[str]], ds) -> dict[str, float]:
-    """Exact-match accuracy per question type and overall."""
-    names = QUESTION_TYPES
-    truth = ds["answers"]
-    acc = {name: sum(p[k] == t[k] for p, t in zip(predicted, truth)) / len(truth) for k, name in enumerate(names)}
-    acc["all"] = sum(acc.values()) / len(names)
-    return acc
-
-
-@torch.no_grad()
-def generate_captions(lm: nn.Module, tokenizer, image_feats: torch.Tensor, connector: nn.Module,
-                      max_new_tokens: int = 40) -> list[str]:
-    """Greedy captions of the frozen LM after the connector's soft prompt and <bos>."""
-    prompt = connector(image_feats)  # (B, P, D_lm)
-    bos = lm.embed(torch.full((prompt.shape[0], 1), tokenizer.bos_id, device=prompt.device))
-    new = lm.generate(inputs_embeds=torch.cat([prompt, bos], dim=1), max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id)
-    return [tokenizer.decode(row) for row in new]
-
-
-# ----------------------------------------------------------------------------------------------
-# Stage 1 on held-out pairs: retrieval and matching
-# ----------------------------------------------------------------------------------------------
-@torch.no_grad()
-def itc_similarity(qformer: QFormer, image_feats: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """ITC scores of every image (N, L, encoder_dim) with every text (M, T) -> (N, M)."""
-    return max_query_similarity(*itc_embeddings(qformer, image_feats, input_ids))
-
-
-@torch.no_grad()
-def itc_embeddings(qformer: QFormer, image_feats: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The projected ITC embeddings: every query of every image (N, Nq, E), every text (M, E)."""
-    Nq = qformer.config.num_queries
-    # Under the ITC mask the queries never see the text and the text never sees the image, so the
-    # query outputs need no text and the text outputs need no particular image.
-    queries = qformer.vision_proj(qformer(image_feats)[:, :Nq])  # (N, Nq, E)
-    text = qformer(image_feats[:1].expand(input_ids.shape[0], -1, -1), input_ids, "itc")[:, Nq]  # (M, D)
-    return queries, qformer.text_proj(text)
-
-
-@torch.no_grad()
-def stage1_metrics(qformer: QFormer, image_feats: torch.Tensor, input_ids: torch.Tensor) -> dict[str, float]:
-    """How well a stage-1 Q-Former pairs held-out images (N, L, encoder_dim) with their captions (N, T).
-
-    - recall@1 image->text (text->image): the best-scoring caption (image) under ITC is right. A
-      caption identical to the true one counts as right, and `recall_chance` is what a random
-      ranking scores with these duplicates;
-    - ITM accuracy: the matching head on the N true pairs and N wrong ones, balanced (chance 0.5),
-      with wrong captions drawn at random (`itm_random`) or the wrong caption that ITC finds most
-      similar to the image (`itm_hard`, the kind of negative ITM trains on).
-    """
-    qformer.eval()
-    Nq, N = qformer.config.num_queries, image_feats.shape[0]
-    sim = itc_similarity(qformer, image_feats, input_ids)  # (N images, N texts)
-    same = (input_ids[:, None, :] == input_ids[None, :, :]).all(-1)  # (N, N): identical captions
-    arange = torch.arange(N, device=sim.device)
-    i2t = same[arange, sim.argmax(1)].float().mean().item()
-    t2i = same[sim.argmax(0), arange].float().mean().item()
-
-    def p_match(ids: torch.Tensor) -> torch.Tensor:
-        return qformer.itm_head(qformer(image_feats, ids, "itm")[:, :Nq]).mean(1).softmax(-1)[:, 1]  # (N,)
-
-    g = torch.Generator().manual_seed(0)
-    random_neg = (arange + torch.randint(1, N, (N,), generator=g)) % N  # never the image's own index
-    random_neg = torch.where(same[arange, random_neg], (random_neg + 1) % N, random_neg)
-    hard_neg = sim.masked_fill(same, float("-inf")).argmax(1)
-    pos = (p_match(input_ids) > 0.5).float().mean().item()
-    itm = {name: (pos + (p_match(input_ids[neg]) <= 0.5).float().mean().item()) / 2
-           for name, neg in (("itm_random", random_neg), ("itm_hard", hard_neg))}
-    return {"recall@1 image->text": i2t, "recall@1 text->image": t2i, "recall_chance": same.float().mean().item(),
-            "itm_random": itm["itm_random"], "itm_hard": itm["itm_hard"]}
-
-
-# ----------------------------------------------------------------------------------------------
-# The shipped checkpoints (scripts/train_qformer.py)
-# ----------------------------------------------------------------------------------------------
-STAGE1_CHECKPOINT = "qformer_stage1_scenes.safetensors"
-CONNECTORS_CHECKPOINT = "connectors_scenes.safetensors"
-
-
-def save_connectors(path, connectors: dict[str, nn.Module], kinds: dict[str, str], encoder_dim: int, lm_dim: int,
-                    qformer_config: QFormerConfig, **metadata: str) -> None:
-    """Several connectors in one safetensors file: each one's weights under "name.", and in the
-    metadata what it takes to rebuild them (kinds, widths, the Q-Former config)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {f"{name}.{k}": v.detach().contiguous() for name, c in connectors.items() for k, v in c.state_dict().items()}
-    meta = {"kinds": json.dumps(kinds), "encoder_dim": str(encoder_dim), "lm_dim": str(lm_dim),
-            "qformer_config": json.dumps(dataclasses.asdict(qformer_config)), **{k: str(v) for k, v in metadata.items()}}
-    save_file(state, str(path), metadata=meta)
-
-
-def load_connectors(path=CONNECTORS_CHECKPOINT) -> tuple[dict[str, nn.Module], dict[str, str]]:
-    """The connectors saved by `save_connectors` (the shipped ones by default), frozen, in the
-    saved order, with the file's metadata."""
-    path = Path(path)
-    if not path.exists() and (CHECKPOINTS / path.name).exists():
-        path = CHECKPOINTS / path.name
-    if not path.exists():
-        raise FileNotFoundError(f"no connectors at {path}: run scripts/train_qformer.py")
-    with safe_open(str(path), framework="pt") as f:
-        meta = dict(f.metadata() or {})
-    if "kinds" not in meta:
-        raise ValueError(f"{path} was not written by save_connectors (no 'kinds' in its metadata)")
-    state = load_file(str(path))
-    config = QFormerConfig(**json.loads(meta["qformer_config"]))
-    connectors = {}
-    for name, kind in json.loads(meta["kinds"]).items():
-        c = make_connector(kind, int(meta["encoder_dim"]), int(meta["lm_dim"]), config)
-        load_state_dict_checked(c, {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")}, source=f"{path} [{name}]")
-        c.eval()
-        for p in c.parameters():
-            p.requires_grad_(False)
-        connectors[name] = c
-    return connectors, meta
-
-
-def load_stage1_qformer(path=STAGE1_CHECKPOINT) -> tuple[QFormer, dict[str, str]]:
-    """The shipped stage-1 Q-Former (with its text side and ITC/ITM/ITG heads), in eval mode."""
-    return load_checkpoint(path, QFormer, QFormerConfig)

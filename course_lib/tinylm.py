@@ -1,104 +1,27 @@
-"""A tiny causal language model and a tiny image encoder for the scenes data, shipped frozen.
+"""A tiny causal language model for the scenes data, shipped frozen.
 
 BLIP-2 (Li et al., 2023) and Flamingo (Alayrac et al., 2022) connect a *frozen* image encoder to a
 *frozen* language model and train only the part in between. Lectures 07 and 08 do the same at a
 size that trains on a laptop CPU:
 
-- `build_tokenizer()`: a word-level tokenizer over the scenes vocabulary (built in code, nothing
-  to download), with the special tokens <pad>, <bos>, <eos> and <image> (Flamingo's marker).
 - `TinyLM`: a GPT-style decoder (token + learned position embeddings, pre-norm blocks from
   `course_lib.layers` under a causal mask, a final norm and a linear head) trained on scenes
   captions and "question answer" texts. It never sees an image: whatever it knows about a
   particular image has to come through the connector.
-- `load_frozen_lm()`, `load_frozen_image_encoder()`: the checkpoints written by
-  scripts/train_vlm_parts.py, in eval mode with requires_grad False.
+
+Its tokenizer, training texts and the shipped frozen checkpoints are in `course_lib.recipes.text`
+and `course_lib.recipes.vlm` (scripts/train_vlm_parts.py trains them).
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import data
 from .layers import Block, causal_mask
-from .utils import freeze
-
-LM_CHECKPOINT = "tinylm_scenes.safetensors"
-IMAGE_ENCODER_CHECKPOINT = "image_encoder_scenes.safetensors"
-
-
-# ----------------------------------------------------------------------------------------------
-# Tokenizer
-# ----------------------------------------------------------------------------------------------
-# Every word the scenes generator writes (course_lib/data.py: _caption, _where, _questions).
-_TEMPLATE_WORDS = (
-    "a an and at the on in of is are there what where how many shape shapes color object "
-    "large small background plain striped checkered noisy center yes no , ?"
-)
-
-
-class WordTokenizer:
-    """Words and punctuation -> ids. Unknown words raise a ValueError that names them, so that a
-    typo in a prompt is caught instead of silently becoming <unk>."""
-
-    specials = ("<pad>", "<bos>", "<eos>", "<image>")
-
-    def __init__(self, words: Sequence[str]):
-        self.vocab = list(self.specials) + sorted(set(words) - set(self.specials))
-        self.ids = {w: i for i, w in enumerate(self.vocab)}
-        self.pad_id, self.bos_id, self.eos_id, self.image_id = range(4)
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self.vocab)
-
-    def __len__(self) -> int:
-        return len(self.vocab)
-
-    @staticmethod
-    def split(text: str) -> list[str]:
-        """"a red circle, on <image>" -> ["a", "red", "circle", ",", "on", "<image>"]."""
-        return re.findall(r"<[a-z]+>|[a-z0-9]+|[^\sa-z0-9]", text.lower())
-
-    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
-        words = self.split(text)
-        unknown = sorted({w for w in words if w not in self.ids})
-        if unknown:
-            raise ValueError(f"words not in the scenes vocabulary: {unknown}; known words: {self.vocab[4:]}")
-        return [self.bos_id] * bos + [self.ids[w] for w in words] + [self.eos_id] * eos
-
-    def decode(self, ids: Sequence[int] | torch.Tensor, skip_special: bool = True) -> str:
-        """Ids -> text; stops at the first <eos>. Punctuation is glued to the word before it."""
-        words = []
-        for i in [int(i) for i in ids]:
-            if i == self.eos_id and skip_special:
-                break
-            if i < len(self.specials) and skip_special:
-                continue
-            words.append(self.vocab[i])
-        return re.sub(r" ([,?])", r"\1", " ".join(words))
-
-
-def build_tokenizer() -> WordTokenizer:
-    """The tokenizer of lectures 07 and 08: every word of the scenes captions, questions, answers."""
-    words = set(_TEMPLATE_WORDS.split()) | set(data.SHAPES) | set(data.COLORS) | set(data.NUMBERS)
-    words |= {w for p in data.POSITIONS for w in p.split()}
-    return WordTokenizer(sorted(words))
-
-
-def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int, length: int | None = None) -> torch.Tensor:
-    """Right-pad lists of ids to one (B, length) tensor (length defaults to the longest)."""
-    length = length or max(len(s) for s in sequences)
-    out = torch.full((len(sequences), length), pad_id, dtype=torch.long)
-    for i, s in enumerate(sequences):
-        s = list(s)[:length]
-        out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -113,6 +36,12 @@ class TinyLMConfig:
     num_heads: int = 2
     mlp_ratio: float = 4.0
     eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        if self.vocab_size < 1 or self.max_len < 1 or self.depth < 1:
+            raise ValueError(f"vocab_size, max_len and depth must be positive, got {self.vocab_size}, {self.max_len}, {self.depth}")
+        if self.dim % self.num_heads != 0:
+            raise ValueError(f"width {self.dim} is not divisible by {self.num_heads} heads: pick a head count that divides it")
 
 
 class TinyLM(nn.Module):
@@ -140,6 +69,11 @@ class TinyLM(nn.Module):
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token ids (B, T) -> token embeddings (B, T, D), without positions."""
+        if input_ids.numel() and (int(input_ids.max()) >= self.config.vocab_size or int(input_ids.min()) < 0):
+            raise ValueError(
+                f"token ids must lie in [0, {self.config.vocab_size}), got {int(input_ids.min())}..{int(input_ids.max())}: "
+                "encode with the tokenizer the model was built for (vocab_size=tokenizer.vocab_size)"
+            )
         return self.tok_embed(input_ids)
 
     def add_positions(self, x: torch.Tensor) -> torch.Tensor:
@@ -183,6 +117,8 @@ class TinyLM(nn.Module):
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids (B, T) or inputs_embeds (B, T, D)")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         new, done = [], torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
         for _ in range(max_new_tokens):
@@ -205,38 +141,6 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -10
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets[:, 1:].reshape(-1), ignore_index=ignore_index)
 
 
-def scene_texts(ds) -> list[str]:
-    """The LM's training texts for a scenes dataset: every caption and every "question answer"."""
-    texts = list(ds["caption"])
-    for qs, ans in zip(ds["questions"], ds["answers"]):
-        texts += [f"{q} {a}" for q, a in zip(qs, ans)]
-    return texts
-
-
 def tinylm(vocab_size: int, **kw) -> TinyLM:
     """The shipped size: width 64, 2 blocks, 2 heads (about 0.1 M parameters, 0.5 MB in fp32)."""
     return TinyLM(TinyLMConfig(vocab_size=vocab_size, **kw))
-
-
-# ----------------------------------------------------------------------------------------------
-# The frozen parts
-# ----------------------------------------------------------------------------------------------
-def load_frozen_lm(path=LM_CHECKPOINT) -> TinyLM:
-    """The shipped TinyLM (trained by scripts/train_vlm_parts.py), frozen."""
-    from .utils import load_checkpoint
-
-    model, _ = load_checkpoint(path, TinyLM, TinyLMConfig)
-    return freeze(model)
-
-
-def load_frozen_image_encoder(path=IMAGE_ENCODER_CHECKPOINT):
-    """The shipped ViT image encoder (patch 8 on 32x32 scenes, width 64, no head), frozen.
-
-    `encoder.forward_features(images)` gives (B, 1 + 16, 64): the CLS token and 4x4 patch tokens,
-    trained to carry the shape, colour and position of every object and their count.
-    """
-    from .utils import load_checkpoint
-    from .vit import ViT, ViTConfig
-
-    model, _ = load_checkpoint(path, ViT, ViTConfig)
-    return freeze(model)

@@ -2,7 +2,7 @@
 and save them as safetensors checkpoints.
 
     python scripts/train_qformer.py                                                 # the shipped checkpoints (19 min, one CPU thread)
-    python scripts/train_qformer.py --n 64 --test 32 --steps 2 --out-dir /tmp/qf    # a smoke run
+    python scripts/train_qformer.py --n 64 --test 32 --epochs 1 --out-dir /tmp/qf    # a smoke run
 
 1. The frozen encoder's tokens (CLS + 4x4 patches, width 64) are computed once, for the training
    scenes and for held-out test scenes.
@@ -16,6 +16,10 @@ and save them as safetensors checkpoints.
    and to chance, goes into the metadata of `connectors_scenes.safetensors`.
 
 Everything runs on one CPU thread: the models are too small to gain from more.
+
+The shipped checkpoints were made before this script trained through `course_lib.train.fit` (it
+then drew random batches for a number of steps instead of epochs); a rerun makes new ones, with
+numbers of their own.
 """
 
 from __future__ import annotations
@@ -23,32 +27,35 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import time
 from pathlib import Path
 
 import torch
 
 from course_lib import data
-from course_lib.layers import param_groups
-from course_lib.qformer import (
+from course_lib.connectors import Connectors, ConnectorsConfig
+from course_lib.qformer import QFormer, QFormerConfig, query_transformer
+from course_lib.recipes.qformer import (
     CONNECTORS_CHECKPOINT,
     STAGE1_CHECKPOINT,
-    QFormer,
-    QFormerConfig,
+    ConnectorLoss,
+    Stage1Loss,
+    caption_examples,
+    connector_data,
+    qa_examples,
+    stage1_metrics,
+)
+from course_lib.recipes.text import scene_tokenizer
+from course_lib.recipes.vlm import (
     answer_accuracy,
     answer_chance,
     answer_questions,
-    caption_examples,
     encode_images,
-    make_connector,
-    qa_examples,
-    query_transformer,
-    save_connectors,
-    stage1_metrics,
-    train_connector,
+    load_frozen_image_encoder,
+    load_frozen_lm,
 )
-from course_lib.tinylm import build_tokenizer, load_frozen_image_encoder, load_frozen_lm
-from course_lib.train import cosine_schedule
+from course_lib.train import fit
 from course_lib.utils import CHECKPOINTS, count_params, save_checkpoint, seed_everything
 
 # The comparison: name -> (kind, starts from the stage-1 Q-Former).
@@ -67,41 +74,15 @@ def windows(values: list[float], every: int) -> list[float]:
     return [round(sum(values[i:i + every]) / len(values[i:i + every]), 4) for i in range(0, len(values), every)]
 
 
-def train_stage1(qformer: QFormer, feats: torch.Tensor, cap_ids: torch.Tensor, steps: int, batch: int, lr: float,
-                 log_every: int) -> dict[str, list[float]]:
-    opt = torch.optim.AdamW(param_groups(qformer, 0.05), lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_schedule(steps, max(1, steps // 20)))
-    g = torch.Generator().manual_seed(0)
-    history = {"itc": [], "itm": [], "itg": [], "itm_accuracy": []}
-    qformer.train()
-    start = time.time()
-    for step in range(steps):
-        pick = torch.randperm(len(cap_ids), generator=g)[:batch]
-        out = qformer.stage1_losses(feats[pick], cap_ids[pick], g)
-        opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        opt.step()
-        sched.step()
-        for k in ("itc", "itm", "itg"):
-            history[k].append(out[k].item())
-        history["itm_accuracy"].append(out["itm_correct"].item() / (3 * len(pick)))
-        if (step + 1) % log_every == 0 or step == steps - 1:
-            recent = {k: sum(v[-log_every:]) / len(v[-log_every:]) for k, v in history.items()}
-            print(f"  stage 1 step {step + 1}/{steps}: " + ", ".join(f"{k} {v:.3f}" for k, v in recent.items())
-                  + f", temperature {qformer.temperature().item():.3f} ({time.time() - start:.0f} s)", flush=True)
-    qformer.eval()
-    return history
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=4000, help="training scenes")
     p.add_argument("--test", type=int, default=500, help="held-out test scenes for the reported numbers")
-    p.add_argument("--steps", type=int, default=None, help="steps for both stages (default: --stage1-steps / --stage2-steps)")
-    p.add_argument("--stage1-steps", type=int, default=1500)
-    p.add_argument("--stage2-steps", type=int, default=2000)
+    p.add_argument("--epochs", type=int, default=None, help="epochs for both stages (default: --stage1-epochs / --stage2-epochs)")
+    p.add_argument("--stage1-epochs", type=int, default=24, help="24 epochs of 4,000 captions: 1,500 steps of 64")
+    p.add_argument("--stage2-epochs", type=int, default=11, help="11 epochs of 24,000 examples: about 2,000 steps of 128")
     p.add_argument("--stage1-batch", type=int, default=64)
-    p.add_argument("--stage2-batch", type=int, default=64, help="per step: this many question-answer pairs and as many captions")
+    p.add_argument("--stage2-batch", type=int, default=128, help="question-answer pairs and captions, mixed")
     p.add_argument("--stage1-lr", type=float, default=2e-3)
     p.add_argument("--stage2-lr", type=float, default=1e-3)
     p.add_argument("--only", choices=list(CONNECTORS), nargs="*", default=None, help="train only these connectors")
@@ -109,11 +90,12 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    stage1_steps, stage2_steps = args.steps or args.stage1_steps, args.steps or args.stage2_steps
+    stage1_epochs, stage2_epochs = args.epochs or args.stage1_epochs, args.epochs or args.stage2_epochs
+    stage1_steps = stage1_epochs * math.ceil(args.n / args.stage1_batch)
     log_every = max(1, min(100, stage1_steps // 10))
     total_start = time.time()
 
-    tok, lm, encoder = build_tokenizer(), load_frozen_lm(), load_frozen_image_encoder()
+    tok, lm, encoder = scene_tokenizer(), load_frozen_lm(), load_frozen_image_encoder()
     train_ds, test_ds = data.scenes(args.n, "train"), data.scenes(args.test, "test")
     feats, test_feats = encode_images(encoder, train_ds), encode_images(encoder, test_ds)
     cap_index, cap_ids, cap_targets = caption_examples(train_ds, tok)
@@ -126,31 +108,36 @@ def main() -> None:
     config = qformer_config(tok.vocab_size)
     qformer = QFormer(config)
     start = time.time()
-    history = train_stage1(qformer, feats, cap_ids, stage1_steps, args.stage1_batch, args.stage1_lr, log_every)
+    stage1_loss = Stage1Loss(feats)
+    fit(qformer, (cap_index, cap_ids), epochs=stage1_epochs, batch_size=args.stage1_batch, lr=args.stage1_lr,
+        weight_decay=0.05, warmup=0.05, loss_fn=stage1_loss, log_every=log_every)
+    history = stage1_loss.history
     stage1_seconds = time.time() - start
     metrics = stage1_metrics(qformer, test_feats, test_cap_ids)
     print("stage 1 held out: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()) + f" ({stage1_seconds:.0f} s)")
     out1 = args.out_dir / STAGE1_CHECKPOINT
-    save_checkpoint(qformer, out1, steps=stage1_steps, batch=args.stage1_batch, lr=args.stage1_lr, seconds=f"{stage1_seconds:.0f}",
+    save_checkpoint(qformer, out1, steps=stage1_steps, epochs=stage1_epochs, batch=args.stage1_batch, lr=args.stage1_lr, seconds=f"{stage1_seconds:.0f}",
                     history=json.dumps({k: windows(v, log_every) for k, v in history.items()}), log_every=log_every,
                     metrics=json.dumps({k: round(v, 4) for k, v in metrics.items()}), **common)
     print(f"saved {out1} ({out1.stat().st_size / 1e6:.2f} MB)")
 
     # Stage 2: the connectors at an equal budget ------------------------------------------------------
-    qa_train = qa_examples(train_ds, tok)
-    examples = [qa_train, (cap_index, cap_ids, cap_targets)]
+    examples = connector_data(qa_examples(train_ds, tok), (cap_index, cap_ids, cap_targets), pad_id=tok.pad_id)
     prior = answer_accuracy(answer_questions(lm, tok, test_ds, None, None), test_ds)
     print("LM alone: " + ", ".join(f"{k} {v:.2f}" for k, v in prior.items()))
-    connectors, kinds, results = {}, {}, {}
-    for name, (kind, from_stage1) in CONNECTORS.items():
-        if args.only is not None and name not in args.only:
-            continue
+    kinds = {name: kind for name, (kind, _) in CONNECTORS.items() if args.only is None or name in args.only}
+    seed_everything(0)
+    connectors = Connectors(ConnectorsConfig(kinds, encoder.config.dim, lm.config.dim,
+                                             dataclasses.replace(config, vocab_size=0, text_ffn=False)))
+    results = {}
+    for name, connector in connectors.items():
         seed_everything(0)
-        connector = make_connector(kind, encoder.config.dim, lm.config.dim, config)
-        if from_stage1:
+        if CONNECTORS[name][1]:
             connector.qformer = query_transformer(qformer)
         start = time.time()
-        losses = train_connector(connector, lm, feats, examples, stage2_steps, batch_size=args.stage2_batch, lr=args.stage2_lr)
+        hist = fit(connector, examples, epochs=stage2_epochs, batch_size=args.stage2_batch, lr=args.stage2_lr,
+                   weight_decay=0.05, warmup=0.1, loss_fn=ConnectorLoss(lm, feats), log_every=1, progress=False)
+        losses, stage2_steps = hist.loss, hist.step[-1]
         seconds = time.time() - start
         acc = answer_accuracy(answer_questions(lm, tok, test_ds, test_feats, connector), test_ds)
         with torch.no_grad():
@@ -159,10 +146,8 @@ def main() -> None:
                          "trainable_params": count_params(connector, trainable_only=True), "prompt_tokens": tokens,
                          "loss": windows(losses, max(1, stage2_steps // 40))}
         print(f"{name}: " + ", ".join(f"{k} {v:.2f}" for k, v in acc.items()) + f" ({seconds:.0f} s)", flush=True)
-        connectors[name], kinds[name] = connector, kind
     out2 = args.out_dir / CONNECTORS_CHECKPOINT
-    save_connectors(out2, connectors, kinds, encoder.config.dim, lm.config.dim, dataclasses.replace(config, vocab_size=0, text_ffn=False),
-                    steps=stage2_steps, batch=args.stage2_batch, lr=args.stage2_lr, results=json.dumps(results),
+    save_checkpoint(connectors, out2, steps=stage2_steps, epochs=stage2_epochs, batch=args.stage2_batch, lr=args.stage2_lr, results=json.dumps(results),
                     prior=json.dumps({k: round(v, 4) for k, v in prior.items()}), chance=json.dumps(answer_chance(test_ds)), **common)
     print(f"saved {out2} ({out2.stat().st_size / 1e6:.2f} MB); total {time.time() - total_start:.0f} s")
 

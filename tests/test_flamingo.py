@@ -3,6 +3,7 @@ and parity with transformers' IDEFICS perceiver resampler and gated cross-attent
 
 import pytest
 import torch
+import transformers
 from conftest import randomize_, report_diff
 
 from course_lib.flamingo import (
@@ -12,16 +13,16 @@ from course_lib.flamingo import (
     GatedXAttnConfig,
     PerceiverConfig,
     PerceiverResampler,
-    VisualPrefixLM,
     expand_media_mask,
     gated_residual,
     media_attention_mask,
+    media_cross_attention_mask,
 )
-from course_lib.layers import use_explicit_attention
+from course_lib.connectors import VisualPrefixLM
+from course_lib.layers import Attention, use_explicit_attention
 from course_lib.tinylm import TinyLM, TinyLMConfig
 from course_lib.vit import ViT, ViTConfig
 
-transformers = pytest.importorskip("transformers")
 IMG = 3  # the <image> id of the toy LMs below
 
 
@@ -99,6 +100,24 @@ def test_gated_block_identity_at_init_and_no_output_before_the_first_image():
     assert not out.isnan().any()
 
 
+def test_media_cross_attention_mask_opens_imageless_rows_and_reports_them():
+    media_mask = expand_media_mask(media_attention_mask(torch.tensor([[0, 0, 1, 0]]).bool(), 1), 2)  # (1, 4, 2)
+    mask, has_media = media_cross_attention_mask(media_mask)
+    assert mask.shape == (1, 1, 4, 2) and has_media.tolist() == [[False, False, True, True]]
+    assert mask[0, 0, :2].all()  # no image yet: every key visible (softmax stays finite), zeroed by the caller
+    with pytest.raises(ValueError, match="boolean"):
+        media_cross_attention_mask(media_mask.float())
+
+
+def test_every_attention_is_the_course_attention():
+    model = Flamingo(*_toy_parts(), FlamingoConfig(image_token_id=IMG, num_latents=3, resampler_heads=2, xattn_heads=2))
+    # Whatever projects queries is layers.Attention (self or cross); Flamingo adds only its masking.
+    others = [n for n, m in model.named_modules() if hasattr(m, "q") and not isinstance(m, Attention)]
+    assert not others, others
+    names = {n for n, m in model.named_modules() if isinstance(m, Attention) and m.is_cross}
+    assert any("resampler" in n for n in names) and any("xattn_layers" in n for n in names)
+
+
 def test_gated_block_sdpa_and_explicit_agree():
     blk = randomize_(GatedCrossAttentionBlock(GatedXAttnConfig(dim=8, media_dim=6, num_heads=2)))
     x, media = torch.randn(2, 7, 8), torch.randn(2, 8, 6)
@@ -136,6 +155,7 @@ def test_flamingo_equals_the_frozen_lm_at_init(every):
     assert torch.equal(model.gates(), torch.zeros(len(model.xattn_layers)))
 
 
+@pytest.mark.slow
 def test_flamingo_text_before_the_first_image_ignores_the_images():
     lm, vision = _toy_parts()
     model = Flamingo(lm, vision, FlamingoConfig(image_token_id=IMG, num_latents=3, resampler_heads=2, xattn_heads=2))
@@ -173,6 +193,7 @@ def _idefics_config(alpha_type="float"):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("N", [1, 7, 20])
 def test_perceiver_resampler_parity(N):
     from transformers.models.idefics.perceiver import IdeficsPerceiverResampler
@@ -201,6 +222,7 @@ def _idefics_inputs(T, M, L, hidden, media_dim, seed):
     return x, media, mask, additive, gate
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("alpha_type,T,M", [("float", 6, 1), ("vector", 9, 2), ("float", 12, 2)])
 def test_gated_cross_attention_parity(alpha_type, T, M):
     from transformers.models.idefics.modeling_idefics import IdeficsGatedCrossAttentionLayer
@@ -215,6 +237,7 @@ def test_gated_cross_attention_parity(alpha_type, T, M):
         report_diff("gated cross-attention, explicit softmax", use_explicit_attention(ours)(x, media, mask), expected)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spelling", ["instance", "folder"])
 def test_from_full_idefics_model(spelling, tmp_path):
     from transformers import IdeficsModel
@@ -234,3 +257,146 @@ def test_from_full_idefics_model(spelling, tmp_path):
         report_diff(f"gated layer 1 from an IdeficsModel ({spelling})", block(h, media, mask), expected)
     with pytest.raises(ValueError, match="no gated cross-attention layer 5"):
         GatedCrossAttentionBlock.from_hf(source, layer=5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input: a clear error that says what to fix
+# ----------------------------------------------------------------------------------------------
+BAD_INPUTS = {
+    "no latents": (lambda: PerceiverConfig(num_latents=0), "must all be positive"),
+    "unknown activation": (lambda: PerceiverConfig(act="tanh"), "act must be one of"),
+    "cross-attention never": (lambda: FlamingoConfig(image_token_id=3, cross_attn_every=0), ">= 1"),
+    "unknown gate shape": (lambda: FlamingoConfig(image_token_id=3, alpha_shape="matrix"), "alpha_shape"),
+    "zero tokens per image": (lambda: expand_media_mask(torch.ones(1, 2, 1, dtype=torch.bool), 0), "tokens_per_media >= 1"),
+    "branch of another shape": (lambda: gated_residual(torch.randn(2, 3, 4), torch.randn(2, 3, 5), torch.zeros(1)), "one shape"),
+    "float media mask": (lambda: media_cross_attention_mask(torch.ones(1, 2, 3)), "boolean"),
+    "resampler input width": (lambda: PerceiverResampler(PerceiverConfig(dim=8, head_dim=4))(torch.randn(1, 5, 6)), "PerceiverConfig.dim"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_inputs_raise_clear_errors(case):
+    fn, match = BAD_INPUTS[case]
+    with pytest.raises(ValueError, match=match):
+        fn()
+
+
+# ----------------------------------------------------------------------------------------------
+# Lecture 08's experiment (course_lib.recipes.flamingo) and its shipped results
+# ----------------------------------------------------------------------------------------------
+def test_vqa_episodes_put_each_scenes_answer_at_the_answer_positions():
+    from course_lib.recipes.flamingo import QUESTIONS, vqa_episodes
+    from course_lib.recipes.text import scene_tokenizer
+
+    tok = scene_tokenizer()
+    answers = torch.tensor([[tok.ids["circle"], tok.ids["red"], tok.ids["one"]],
+                            [tok.ids["square"], tok.ids["blue"], tok.ids["two"]]])
+    idx, ids, targets, kind = vqa_episodes(tok, answers, 12, range(2), seed=0, shots=2)
+    assert idx.shape == (12, 3) and ids.shape == targets.shape and kind.shape == (12,)
+    for r in range(12):
+        at = targets[r] != -100
+        assert targets[r][at].tolist() == answers[idx[r], kind[r]].tolist()  # one answer per image, in order
+        assert (ids[r] == tok.image_id).sum() == 3
+        assert list(QUESTIONS.values())[kind[r]] in tok.decode(ids[r])
+    assert len(set(kind.tolist())) > 1
+    with pytest.raises(ValueError, match="shots >= 0"):
+        vqa_episodes(tok, answers, 4, range(2), seed=0, shots=-1)
+
+
+def test_binding_episodes_pair_labels_with_shapes_only_within_a_prompt():
+    from course_lib.recipes.flamingo import LABEL_WORDS, binding_episodes
+    from course_lib.recipes.text import scene_tokenizer
+
+    tok = scene_tokenizer()
+    classes = torch.arange(40) % 5  # scene i has shape i % 5
+    idx, ids, targets, query = binding_episodes(tok, classes, 50, list(range(40)), seed=0, shots=2)
+    label_ids = {tok.ids[w] for w in LABEL_WORDS}
+    mappings = set()
+    for r in range(50):
+        labels = [int(t) for t in ids[r] if int(t) in label_ids]  # the shots' labels, then the query's
+        shapes = classes[idx[r]].tolist()
+        assert len(set(shapes[:2])) == 2 and len(set(labels[:2])) == 2  # two shots: both shapes, two labels
+        assert query[r] == shapes[2] and labels[2] == labels[shapes[:2].index(shapes[2])]  # the query repeats its shape's label
+        assert targets[r][targets[r] != -100].tolist() == [labels[2]]  # only the query's label is a target
+        mappings.add(tuple(sorted(zip(shapes[:2], labels[:2]))))
+    assert len(mappings) > 10  # the pairing changes from prompt to prompt: only the examples tell it
+    _, _, train_targets, _ = binding_episodes(tok, classes, 5, list(range(40)), seed=0, shots=4, train=True)
+    assert ((train_targets != -100).sum(1) == 5).all()
+    with pytest.raises(ValueError, match="ways"):
+        binding_episodes(tok, classes, 5, list(range(40)), seed=0, shots=2, ways=9)
+
+
+def test_branch_monitor_measures_the_gated_branch_against_the_residual():
+    from course_lib.recipes.flamingo import BranchMonitor
+
+    lm, vision = _toy_parts()
+    model = Flamingo(lm, vision, FlamingoConfig(image_token_id=IMG, num_latents=3, resampler_heads=2, xattn_heads=2))
+    randomize_(model.resampler), randomize_(model.xattn_layers)
+    ids, images = _toy_batch()
+    block = model.xattn_layers["0"]
+    with BranchMonitor(model) as monitor:
+        model(ids, images)
+        monitor.step()
+    assert len(monitor.gate) == len(monitor.ratio) == 1 and len(monitor.ratio[0]) == len(model.xattn_layers)
+    # By hand for the first gated block: its input is the LM's embedded text.
+    x = lm.add_positions(lm.embed(ids))
+    media = model.resample(model.image_features(images))
+    from course_lib.flamingo import expand_media_mask, media_attention_mask
+
+    mask = expand_media_mask(media_attention_mask(ids == IMG, 2), 3)
+    branch = torch.tanh(block.alpha_xattn) * block.xattn(block.norm1(x), media, mask)[0]
+    seen = mask.any(-1)
+    expected = branch[seen].norm(dim=-1).mean() / x[seen].norm(dim=-1).mean()
+    assert monitor.ratio[0][0] == pytest.approx(float(expected), rel=1e-5)
+    assert monitor.gate[0][0] == pytest.approx(float(torch.tanh(block.alpha_xattn).abs().mean()))
+    model(ids, images)  # the hooks are gone after the with block: nothing more is recorded
+    monitor.step()
+    assert monitor.ratio[1] == monitor.ratio[0]
+
+
+def test_vqa_loss_shuffled_control_gives_each_prompt_other_images():
+    from course_lib.recipes.flamingo import VqaLoss
+
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        def forward(self, ids, features):
+            seen.append(features[:, 0, 0, 0, 0].tolist())
+            return torch.zeros(*ids.shape, 5)
+
+    features = torch.arange(8.0)[:, None, None, None].expand(8, 2, 1, 1)  # image i has feature value i
+    idx = torch.arange(8)[:, None]
+    ids, targets = torch.zeros(8, 3, dtype=torch.long), torch.full((8, 3), -100)
+    targets[:, 2] = 1
+    VqaLoss(features)(Recorder(), (idx, ids, targets))
+    VqaLoss(features, shuffle_images=True)(Recorder(), (idx, ids, targets))
+    assert seen[0] == list(range(8))
+    assert sorted(seen[1]) == list(range(8)) and seen[1] != list(range(8))
+
+
+def _shipped_sweep() -> dict:
+    import json
+
+    from course_lib.utils import CHECKPOINTS
+
+    return json.loads((CHECKPOINTS / "flamingo_sweep.json").read_text())
+
+
+def test_shipped_sweep_supports_lecture_08():
+    """What lecture 08 says about scripts/sweep_flamingo.py's runs (scalar gates, lr 2e-3)."""
+    sweep = _shipped_sweep()
+    short, full, control = sweep["scalar_live"]["test"], sweep["scalar"]["test"], sweep["scalar_shuffled"]["test"]
+    chance = {"shape": 1 / 5, "color": 1 / 6, "count": 1 / 3}
+    # After one epoch only the count is learned; the average hides it.
+    assert short["count"] > 0.95 and all(short[k] < chance[k] + 0.05 for k in ("shape", "color"))
+    # After ten, every question kind is learned on unseen scenes.
+    assert all(full[k] > 0.85 for k in chance), full
+    # The examples in these prompts add nothing: the answer after 2 examples is no better than after 0.
+    assert full["after 2 examples"] <= full["after 0 examples"] + 0.01
+    # Images that say nothing: every kind stays near chance.
+    assert all(control[k] < chance[k] + 0.1 for k in chance), control
+    # A small gate is not a closed branch: layer 0's gate ends below 0.05 and its branch adds > 20% of ||x||.
+    assert sweep["scalar"]["gate"][-1][0] < 0.05 and sweep["scalar"]["ratio"][-1][0] > 0.2
+    # ... and with images that say nothing the gates return to 0 and the branch adds nothing.
+    shuffled = sweep["scalar_shuffled"]
+    assert max(shuffled["gate"][-1]) < 0.005 and max(shuffled["ratio"][-1]) < 0.01

@@ -3,16 +3,15 @@ transformers' Blip2QFormerModel (random weights, with and without text)."""
 
 import pytest
 import torch
+import transformers
 from conftest import randomize_, report_diff
 from torch import nn
 
 from course_lib.layers import use_explicit_attention
+from course_lib.connectors import LinearConnector, MlpConnector, QFormerConnector
 from course_lib.qformer import (
-    LinearConnector,
-    MlpConnector,
     QFormer,
     QFormerConfig,
-    QFormerConnector,
     itc_mask,
     itg_mask,
     itm_mask,
@@ -22,7 +21,6 @@ from course_lib.qformer import (
     with_text_padding,
 )
 
-transformers = pytest.importorskip("transformers")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -85,6 +83,7 @@ def test_hard_negatives_skip_excluded_pairs():
     assert neg_text.tolist() == [1, 0]
 
 
+@pytest.mark.slow
 def test_stage1_draws_hard_negatives_from_temperature_scaled_logits(monkeypatch):
     """Regression: the negatives were drawn from softmax(cosine similarity), nearly uniform over
     [-1, 1], so ITM trained on random negatives. BLIP-2 draws them from similarity / temperature."""
@@ -108,6 +107,7 @@ def test_stage1_draws_hard_negatives_from_temperature_scaled_logits(monkeypatch)
     assert seen["exclude"][1, 3] and seen["exclude"][3, 1] and not seen["exclude"][0, 1]
 
 
+@pytest.mark.slow
 def test_stage1_losses_and_the_masks_matter():
     torch.manual_seed(0)
     m = QFormer(QFormerConfig(dim=32, depth=2, num_heads=4, mlp_dim=64, num_queries=4, encoder_dim=24, vocab_size=20, max_text_len=8))
@@ -171,6 +171,7 @@ def _hf_qformer(depth=3, freq=2, text=True):
     return randomize_(Blip2QFormerModel(config)).eval()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("depth,freq,B,Nq,N", [(3, 2, 2, 4, 9), (2, 1, 1, 8, 17), (4, 3, 3, 2, 5)])
 def test_parity_queries_only(depth, freq, B, Nq, N):
     hf = _hf_qformer(depth, freq)
@@ -183,6 +184,7 @@ def test_parity_queries_only(depth, freq, B, Nq, N):
         report_diff("  explicit attention path", use_explicit_attention(ours).encode(q, Nq, feats), ref)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("B,Nq,T", [(2, 4, 6), (3, 3, 1)])
 def test_parity_with_text_and_padding(B, Nq, T):
     hf = _hf_qformer()
@@ -197,6 +199,7 @@ def test_parity_with_text_and_padding(B, Nq, T):
     report_diff(f"Q-Former queries + {T} text tokens, padded (ITM mask)", ours_out, ref)
 
 
+@pytest.mark.slow
 def test_parity_with_a_4d_itg_mask():
     hf = _hf_qformer()
     ours = QFormer.from_hf(hf, num_queries=4).eval()
@@ -207,6 +210,7 @@ def test_parity_with_a_4d_itg_mask():
         report_diff("Q-Former with the ITG mask", ours.encode(x, 4, feats, mask), ref)
 
 
+@pytest.mark.slow
 def test_from_hf_folder_and_blip2_model(tmp_path):
     hf = _hf_qformer()
     hf.save_pretrained(tmp_path)
@@ -238,10 +242,11 @@ def test_from_hf_folder_and_blip2_model(tmp_path):
 
 
 def test_stage2_examples_predict_only_the_answer():
-    from course_lib.qformer import caption_examples, qa_examples, soft_prompt_loss
-    from course_lib.tinylm import TinyLM, TinyLMConfig, build_tokenizer
+    from course_lib.recipes.qformer import caption_examples, connector_data, qa_examples, soft_prompt_loss
+    from course_lib.recipes.text import scene_tokenizer
+    from course_lib.tinylm import TinyLM, TinyLMConfig
 
-    tok = build_tokenizer()
+    tok = scene_tokenizer()
     ds = {"questions": [["how many shapes are there?", "what color is the large object?"]], "answers": [["two", "red"]],
           "caption": ["a large red circle in the center on a plain background"]}
     index, ids, targets, kind = qa_examples(ds, tok)
@@ -255,13 +260,22 @@ def test_stage2_examples_predict_only_the_answer():
     loss = soft_prompt_loss(lm, prompt, ids, targets)
     loss.backward()
     assert torch.isfinite(loss) and prompt.grad.abs().sum() > 0  # the loss reaches the soft prompt
+    index, mixed_ids, mixed_targets = connector_data((index, ids, targets), (_, cap_ids, cap_targets))
+    assert mixed_ids.shape == (3, max(ids.shape[1], cap_ids.shape[1])) and index.tolist() == [0, 0, 0]
+    assert torch.equal(mixed_targets[2, : cap_ids.shape[1]], cap_targets[0])
+    with pytest.raises(ValueError, match="at least one example set"):
+        connector_data()
 
 
 # ----------------------------------------------------------------------------------------------
 # Connector checkpoints: the library's save/load, the training script, the shipped results
 # ----------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_query_transformer_keeps_the_query_path(tmp_path):
-    from course_lib.qformer import load_connectors, make_connector, query_transformer, save_connectors
+    from course_lib.connectors import Connectors, ConnectorsConfig, make_connector
+    from course_lib.qformer import query_transformer
+    from course_lib.recipes.qformer import load_connectors
+    from course_lib.utils import save_checkpoint
 
     config = QFormerConfig(dim=32, depth=2, num_heads=4, mlp_dim=64, num_queries=3, encoder_dim=24, vocab_size=20, max_text_len=8)
     full = QFormer(config).eval()
@@ -269,9 +283,9 @@ def test_query_transformer_keeps_the_query_path(tmp_path):
     assert bare.config.vocab_size == 0 and not bare.config.text_ffn
     feats = torch.randn(2, 9, 24)
     assert torch.equal(bare(feats), full(feats))  # the queries never needed the text side
-    connectors = {"lin": make_connector("linear", 24, 16), "qf": make_connector("qformer", 24, 16, config)}
+    connectors = Connectors(ConnectorsConfig({"lin": "linear", "qf": "qformer"}, 24, 16, config)).eval()
     connectors["qf"].qformer = bare
-    save_connectors(tmp_path / "c.safetensors", connectors, {"lin": "linear", "qf": "qformer"}, 24, 16, bare.config, note="x")
+    save_checkpoint(connectors, tmp_path / "c.safetensors", note="x")
     loaded, meta = load_connectors(tmp_path / "c.safetensors")
     assert list(loaded) == ["lin", "qf"] and meta["note"] == "x"
     for name in connectors:
@@ -279,8 +293,13 @@ def test_query_transformer_keeps_the_query_path(tmp_path):
         assert not any(p.requires_grad for p in loaded[name].parameters())
     with pytest.raises(ValueError, match="unknown connector"):
         make_connector("perceiver", 24, 16)
+    with pytest.raises(ValueError, match="unknown connector kinds"):
+        ConnectorsConfig({"a": "perceiver"})
+    with pytest.raises(ValueError, match="needs ConnectorsConfig\\(qformer="):
+        ConnectorsConfig({"a": "qformer"})
 
 
+@pytest.mark.slow
 def test_training_script_smoke_run(tmp_path):
     """scripts/train_qformer.py, which makes the shipped connectors, still runs end to end."""
     import json
@@ -289,10 +308,10 @@ def test_training_script_smoke_run(tmp_path):
     import sys
     from pathlib import Path
 
-    from course_lib.qformer import load_connectors, load_stage1_qformer
+    from course_lib.recipes.qformer import load_connectors, load_stage1_qformer
 
     root = Path(__file__).resolve().parents[1]
-    cmd = [sys.executable, str(root / "scripts" / "train_qformer.py"), "--n", "32", "--test", "16", "--steps", "2",
+    cmd = [sys.executable, str(root / "scripts" / "train_qformer.py"), "--n", "16", "--test", "16", "--epochs", "1",
            "--stage1-batch", "8", "--stage2-batch", "8", "--out-dir", str(tmp_path)]
     out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(root)}, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -309,17 +328,18 @@ def test_training_script_smoke_run(tmp_path):
 def scenes_eval():
     """The frozen parts and 200 held-out scenes with their encoder features."""
     from course_lib import data
-    from course_lib.qformer import encode_images
-    from course_lib.tinylm import build_tokenizer, load_frozen_image_encoder, load_frozen_lm
+    from course_lib.recipes.text import scene_tokenizer
+    from course_lib.recipes.vlm import encode_images, load_frozen_image_encoder, load_frozen_lm
 
     torch.set_num_threads(1)
-    tok, lm, encoder = build_tokenizer(), load_frozen_lm(), load_frozen_image_encoder()
+    tok, lm, encoder = scene_tokenizer(), load_frozen_lm(), load_frozen_image_encoder()
     test_ds = data.scenes(500, "test").select(range(200))
     return tok, lm, test_ds, encode_images(encoder, test_ds)
 
 
+@pytest.mark.slow
 def test_shipped_stage1_qformer_retrieves_and_matches(scenes_eval):
-    from course_lib.qformer import caption_examples, load_stage1_qformer, stage1_metrics
+    from course_lib.recipes.qformer import caption_examples, load_stage1_qformer, stage1_metrics
 
     tok, _, test_ds, feats = scenes_eval
     qformer, _ = load_stage1_qformer()
@@ -331,10 +351,12 @@ def test_shipped_stage1_qformer_retrieves_and_matches(scenes_eval):
     assert m["itm_random"] > 0.8 and m["itm_hard"] > 0.6  # chance: 0.5
 
 
+@pytest.mark.slow
 def test_shipped_qformer_connector_answers_beyond_the_lm_prior(scenes_eval):
     """The answers come from the image: on held-out scenes the LM after the shipped Q-Former's
     soft prompt beats the LM alone on every question type about what the encoder sees."""
-    from course_lib.qformer import answer_accuracy, answer_questions, load_connectors
+    from course_lib.recipes.qformer import load_connectors
+    from course_lib.recipes.vlm import answer_accuracy, answer_questions
 
     tok, lm, test_ds, feats = scenes_eval
     connectors, _ = load_connectors()
@@ -345,10 +367,12 @@ def test_shipped_qformer_connector_answers_beyond_the_lm_prior(scenes_eval):
         assert acc[kind] > prior[kind] + 0.3, f"{kind}: {acc[kind]:.2f} vs the LM alone {prior[kind]:.2f}"
 
 
+@pytest.mark.slow
 def test_shipped_connector_comparison_holds(scenes_eval):
     """Lecture 07's comparison at equal budget: the per-token connectors (linear, MLP) leave the
     colour of the large object near the prior, the Q-Former reads it; all of them count."""
-    from course_lib.qformer import answer_accuracy, answer_questions, load_connectors
+    from course_lib.recipes.qformer import load_connectors
+    from course_lib.recipes.vlm import answer_accuracy, answer_questions
 
     tok, lm, test_ds, feats = scenes_eval
     connectors, _ = load_connectors()
@@ -358,3 +382,45 @@ def test_shipped_connector_comparison_holds(scenes_eval):
         for qformer in ("qformer_scratch", "qformer_stage1"):
             assert acc[qformer]["color"] > acc[per_token]["color"] + 0.3, (qformer, per_token, acc)
     assert all(a["count"] > 0.9 for a in acc.values()), acc
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input: a clear error that says what to fix
+# ----------------------------------------------------------------------------------------------
+def _bad_qformer_inputs():
+    from course_lib import connectors
+    from course_lib import qformer as q
+    from course_lib.recipes import qformer as rq
+    from course_lib.tinylm import tinylm
+
+    tiny = lambda: q.qformer_tiny()  # noqa: E731
+    return {
+        "width not divisible by heads": (lambda: q.QFormerConfig(dim=30, num_heads=4), "not divisible by 4 heads"),
+        "no layers": (lambda: q.QFormerConfig(depth=0), "must all be positive"),
+        "image features without tokens": (lambda: tiny()(torch.randn(2, 64)), r"\(batch, tokens, encoder_dim\)"),
+        "nothing to encode": (lambda: tiny()(None), "image features"),
+        "mask without queries": (lambda: q.itc_mask(0, 3), "at least one query"),
+        "mask of another length": (lambda: q.with_text_padding(q.itm_mask(2, 3), torch.ones(1, 5, dtype=torch.bool)), "does not cover"),
+        "similarity widths differ": (lambda: q.max_query_similarity(torch.randn(2, 3, 8), torch.randn(2, 6)), "one width"),
+        "non-square ITC": (lambda: q.itc_loss(torch.randn(2, 3), 0.1), "square"),
+        "connector kind": (lambda: connectors.make_connector("perceiver", 4, 4), "unknown connector kind"),
+        "example sets of unequal length": (lambda: rq.connector_data((torch.zeros(2), torch.zeros(3, 4), torch.zeros(3, 4))), "as many"),
+        "stage 1 batch": (lambda: rq.Stage1Loss(torch.randn(4, 17, 64))(tiny(), (torch.arange(2),)), "image_index, caption_ids"),
+        "stage 2 batch": (lambda: rq.ConnectorLoss(freeze_(tinylm(10)), torch.zeros(1))(None, (1, 2)), "connector_data"),
+        "LM not frozen": (lambda: rq.ConnectorLoss(tinylm(10), torch.zeros(1)), "must be frozen"),
+        "one image for stage-1 metrics": (lambda: rq.stage1_metrics(tiny(), torch.randn(1, 17, 64), torch.ones(1, 5, dtype=torch.long)), "N >= 2"),
+        "missing checkpoint": (lambda: rq.load_connectors("/nonexistent/c.safetensors"), "shipped checkpoints"),
+    }
+
+
+def freeze_(model):
+    from course_lib.utils import freeze
+
+    return freeze(model)
+
+
+@pytest.mark.parametrize("case", list(_bad_qformer_inputs()))
+def test_bad_inputs_raise_clear_errors(case):
+    fn, match = _bad_qformer_inputs()[case]
+    with pytest.raises((ValueError, TypeError, FileNotFoundError), match=match):
+        fn()
