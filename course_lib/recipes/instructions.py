@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .. import data
-from ..tinylm import WordTokenizer
+from .text import WordTokenizer, lm_tokenizer
 
 KINDS = ("conversation", "detailed", "reasoning", "yes/no")
 USER, ASSISTANT = "<user>", "<assistant>"
@@ -47,7 +47,7 @@ def instruction_tokenizer() -> WordTokenizer:
     <assistant> (ids: <pad> 0, <bos> 1, <eos> 2, <image> 3)."""
     words = set(_WORDS.split()) | set(data.SHAPES) | set(data.COLORS) | set(data.NUMBERS) | {USER, ASSISTANT}
     words |= {w for p in data.POSITIONS for w in p.split()}
-    return WordTokenizer(sorted(words))
+    return lm_tokenizer(words)
 
 
 def _desc(o: dict) -> str:

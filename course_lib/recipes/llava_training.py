@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..llava import IGNORE_INDEX, Llava, answer_labels, next_token_loss, select_best_resolution, splice_image_features, vision_features
-from ..tinylm import WordTokenizer, pad_batch
+from .text import WordTokenizer, pad_batch
 from . import instructions as I
 from .instructions import ASSISTANT, USER
 

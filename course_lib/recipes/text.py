@@ -112,11 +112,17 @@ def caption_tokenizer_from_vocab(vocab: Sequence[str]) -> WordTokenizer:
     return WordTokenizer(vocab, bos="<sot>", eos="<eot>", unk="<unk>")
 
 
+def lm_tokenizer(words: Iterable[str]) -> WordTokenizer:
+    """A language model's tokenizer over `words`: the special tokens first (<pad> 0, <bos> 1,
+    <eos> 2, <image> 3), then the words in alphabetical order."""
+    return WordTokenizer(list(LM_SPECIALS) + sorted(set(words) - set(LM_SPECIALS)))
+
+
 def scene_tokenizer() -> WordTokenizer:
     """The tokenizer of lectures 07 and 08: every word of the scenes captions, questions, answers."""
     words = set(_TEMPLATE_WORDS.split()) | set(data.SHAPES) | set(data.COLORS) | set(data.NUMBERS)
     words |= {w for p in data.POSITIONS for w in p.split()}
-    return WordTokenizer(list(LM_SPECIALS) + sorted(words - set(LM_SPECIALS)))
+    return lm_tokenizer(words)
 
 
 def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int, length: int | None = None) -> torch.Tensor:
