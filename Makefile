@@ -66,13 +66,13 @@ lab: $(STAMP)
 	$(BIN)/jupyter lab --notebook-dir=. $(if $(filter 0,$(shell id -u)),--allow-root,)
 
 labs: $(STAMP)
-	$(BIN)/python -m course_lib.labs $(if $(FORCE),--force,)
+	$(BIN)/python -m grading.labs $(if $(FORCE),--force,)
 
 # Grade a folder of students' lab notebooks (instructors): make grade SUBMISSIONS=path/ [OUT=gradebook/] [LAB=01]
 .PHONY: grade
 grade: $(STAMP)
 	$(if $(SUBMISSIONS),,$(error give the submissions: make grade SUBMISSIONS=path/to/folder))
-	$(BIN)/python -m course_lib.grade $(SUBMISSIONS) --out $(or $(OUT),gradebook) --jobs $(JOBS) $(if $(LAB),--lab $(LAB),)
+	$(BIN)/python -m grading.grade $(SUBMISSIONS) --out $(or $(OUT),gradebook) --jobs $(JOBS) $(if $(LAB),--lab $(LAB),)
 
 notebooks: $(STAMP)
 	$(BIN)/jupytext --to ipynb lectures/*.md
