@@ -1,36 +1,39 @@
-"""Grade students' lab notebooks: a gradebook (CSV and JSON) and a feedback text for each student.
+"""Grade students' lab notebooks: a gradebook (CSV and JSON) and a feedback text for each file.
 
-    python -m course_lib.grade submissions/ --out gradebook/    # a folder (what `make grade` runs)
-    python -m course_lib.grade alice.ipynb bob.ipynb --lab 01   # files; --lab when a notebook can't tell
+    python -m grading.grade submissions/ --out gradebook/    # a folder (what `make grade` runs)
+    python -m grading.grade alice.ipynb bob.ipynb --lab 01   # files; --lab when a notebook can't tell
 
 Submissions. In a folder every file counts, except hidden ones, so that a PDF or an empty file
-handed in instead of the notebook gets rows that say so: `alice.ipynb` is student "alice", and so is
-`alice/anything.ipynb` (one folder per student). The lab is read from the notebook (its
-`course_lib.checks import lab01` line, else its `# Lab 01` title, else the file name).
+handed in instead of the notebook gets rows that say so. A file's key (the "student" column) is
+its path relative to the folder: `alice.ipynb`, `alice.pdf`, `bob/lab01.ipynb` are three keys,
+never one overwriting another. Symbolic links, and anything that is not a plain file, are refused
+with a reason. The lab is read from the notebook (its `grading.checks import vit` line, else its
+`# Lab 01` title, else the file name).
 
 How one submission is graded, so that nothing in it can grade itself:
-1. Its code cells run in order in a fresh IPython shell (what a Jupyter kernel runs) in a process of
-   its own, under a memory limit and a time limit per cell. A cell that raises, loops or runs out
-   of memory is stopped and the next cells run, as in Jupyter; a cell that kills the process, or
-   that does not stop, is skipped on a rerun.
-2. In that process each exercise's function, found by its name (`patchify`), is called on the
-   cases of its check, under the same time limit, and only its outputs are kept.
-3. This process, which never runs student code, builds the same cases, computes the expected
-   outputs with course_lib and compares. The cases have the shapes of the notebook's check cells
-   but new random values (their seeds are offset by a number taken from the submission's hash; masks
-   and index tables have none), so outputs copied into the notebook fail, and whatever the notebook
-   does to course_lib, torch or its check cells changes only its own process. On top of that,
-   reading the code: a notebook that assigns to course_lib or the checks (or to torch's
-   comparisons) gets no credit for the exercises it targets (all of them when it names none), nor
-   does an exercise that uses course_lib.
+1. This process builds the lab's hidden cases (the notebook's shapes, new random values: the
+   seeds are offset by a number taken from the submission's hash) and computes their expected
+   outputs with the course's references. Neither the expected outputs nor the salt leave it.
+2. A worker (`grading.worker`) runs in a sandbox (`grading.sandbox`: bubblewrap, no network, its
+   own PID namespace, read-only system and course, no view of other submissions or of the
+   gradebook, one memory and process budget): it gets the cells and the cases' inputs, runs the
+   cells in a fresh IPython shell with a time limit per cell, the course's answers to the lab
+   unreachable the whole time (`grading.guard`), then calls each exercise's function on the
+   inputs and sends back only the outputs. A cell that raises, loops or runs out of memory is
+   stopped and the next cells run, as in Jupyter; a cell that kills the worker, or that does not
+   stop, is skipped on a rerun.
+3. The outputs are untrusted: size, archive, types and structure are checked before they are
+   loaded (`weights_only`); then compared here. Anything wrong with one submission becomes its
+   rows, with a reason; the batch goes on. Reading the code adds: a notebook that assigns to
+   course_lib, the checks or torch's comparisons gets no credit for the exercises it targets, nor
+   does an exercise whose code uses course_lib.
 
-Output (--out, default gradebook/): gradebook.csv and gradebook.json, one row per student and
-exercise (points, status PASS/FAIL/TODO/MISSING/ERROR, reason), and feedback/STUDENT.txt, each
-replaced atomically after every submission; submissions are only read. A rerun grades only the
-submissions whose bytes, or the grader's version or settings, changed (--regrade: all of them), so
-an interrupted batch resumes and a finished one comes out the same, byte for byte. POSIX only (Linux,
-macOS); it keeps honest mistakes and cheating out of the grades, but it is not a security sandbox:
-grade untrusted files in a container.
+Output (--out, default gradebook/): gradebook.csv and gradebook.json, one row per file and
+exercise (points, status PASS/FAIL/TODO/MISSING/ERROR, reason), and feedback/KEY.txt, each replaced
+atomically after every submission; submissions are only read. A rerun grades only the files whose
+bytes, or the grader's version or settings, changed (--regrade: all of them), so an interrupted
+batch (Ctrl-C stops it at once) resumes and a finished one comes out the same, byte for byte.
+Linux; without bubblewrap (`bwrap`) it refuses to run unless given --unsafe-no-sandbox.
 """
 
 from __future__ import annotations
@@ -40,57 +43,63 @@ import ast
 import csv
 import difflib
 import hashlib
-import importlib
-import inspect
 import io
+import itertools
 import json
-import multiprocessing
 import os
-import pkgutil
 import re
-import resource
 import signal
+import stat
 import sys
 import tempfile
 import textwrap
 import threading
 import time
-import traceback
+import zipfile
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from types import ModuleType
 
 import torch
 
-from . import checks as checks_package
-from .checks import FAIL, PASS, TODO, CheckFailed, compare
+from . import sandbox
+from .checks import FAIL, LECTURES, PASS, TODO, CheckFailed, compare, lab_module
 
-VERSION = "1"  # kept in the gradebook: a new version grades everything again
+VERSION = "2"  # kept in the gradebook: a new version grades everything again
 MISSING, ERROR = "MISSING", "ERROR"
 FIELDS = ["student", "lab", "number", "exercise", "points", "max_points", "status", "reason"]
 SETUP_S, GRACE_S = 120, 5  # for a worker to start; past its time limit, before a step is killed
-_collect_lock, _start_lock = threading.Lock(), threading.Lock()
+MAX_FILE = 50 * 2**20  # a submission larger than this is not read
+MAX_RESULT = 64 * 2**20  # a worker's result larger than this is refused unread
+STOP = threading.Event()  # set by Ctrl-C: every worker is killed, nothing more is recorded
+_names = itertools.count()
 
 
 class GradeError(Exception):
     """A problem with the command line: printed, exit status 1."""
 
 
-# ----------------------------------------------------------------------- labs and their cases
+class Interrupted(Exception):
+    """The batch was stopped (Ctrl-C): this submission gets no record, a rerun grades it."""
 
 
-def lab_checks(number: str) -> ModuleType:
-    """The check module of a lab: '1' or '01' -> course_lib.checks.lab01."""
-    known = sorted(m.name[3:] for m in pkgutil.iter_modules(checks_package.__path__) if m.name.startswith("lab"))
-    name = f"{int(number):02d}" if str(number).isdigit() else str(number)
-    if name not in known:
-        raise GradeError(f"there is no lab {number!r}: the labs are {', '.join(known)}")
-    return importlib.import_module(f"course_lib.checks.lab{name}")
+# ----------------------------------------------------------------------- labs and their files
+
+
+def lab_checks(number: str):
+    """The check module of a lab: '1', '01' or 'vit' -> grading.checks.vit."""
+    try:
+        return lab_module(str(number))
+    except KeyError as err:
+        raise GradeError(err.args[0]) from None
 
 
 def identify_lab(code: str, markdown: str, filename: str) -> str | None:
     """The lab a notebook is for, from its check import, else its title, else its file name."""
+    m = re.search(r"grading\.checks\s+import\s+(\w+)|grading\.checks\.(\w+)", code)
+    name = m and (m.group(1) or m.group(2))
+    if name in LECTURES:
+        return f"{LECTURES.index(name) + 1:02d}"
     for pattern, text in [(r"checks\s+import\s+lab(\d+)|checks\.lab(\d+)", code), (r"^#\s*Lab\s+(\d+)\b", markdown),
                           (r"lab[ _-]?(\d+)", filename.lower())]:
         m = re.search(pattern, text, flags=re.M)
@@ -104,42 +113,29 @@ def read_notebook(data: bytes) -> tuple[list[str], str]:
     Raises ValueError saying what the file is instead."""
     if not data.strip():
         raise ValueError("empty file")
+    kind = {b"\x89PNG": "a PNG image", b"%PDF": "a PDF", b"PK\x03\x04": "a zip archive"}.get(data[:4])
+    if kind:
+        raise ValueError(f"not a notebook: {kind}")
     try:
         nb = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        kind = {b"\x89PNG": "a PNG image", b"%PDF": "a PDF", b"PK\x03\x04": "a zip archive"}.get(data[:4], f"not valid JSON ({err})")
-        raise ValueError(f"not a notebook: {kind}") from None
-    try:
-        cells = nb["cells"] if "cells" in nb else [c for sheet in nb["worksheets"] for c in sheet["cells"]]  # format 4, 3
-    except (KeyError, TypeError):
-        cells = None
-    if not isinstance(cells, list) or not isinstance(nb, dict):
+        raise ValueError(f"not a notebook: not valid JSON ({err})") from None
+    except RecursionError:
+        raise ValueError("not a notebook: JSON nested too deeply to read") from None
+    cells = None
+    if isinstance(nb, dict):
+        cells = nb.get("cells") if "cells" in nb else nb.get("worksheets")  # format 4, 3
+        if "cells" not in nb and isinstance(cells, list):
+            cells = [c for sheet in cells if isinstance(sheet, dict) and isinstance(sheet.get("cells"), list) for c in sheet["cells"]]
+    if not isinstance(cells, list):
         raise ValueError("not a notebook: JSON without cells")
 
     def text(cell: dict) -> str:
         value = cell.get("source", cell.get("input", ""))  # format 3 calls code "input"
-        return "".join(value) if isinstance(value, list) else str(value)
+        return "".join(v if isinstance(v, str) else "" for v in value) if isinstance(value, list) else value if isinstance(value, str) else ""
 
     cells = [c for c in cells if isinstance(c, dict)]
     return [text(c) for c in cells if c.get("cell_type") == "code"], "\n".join(text(c) for c in cells if c.get("cell_type") == "markdown")
-
-
-def collect(checks: ModuleType, salt: int, student=lambda name: None) -> dict:
-    """{exercise: (function, cases, atol)}, built by the lab's own check functions without running
-    them. They draw their random values from `_gen(seed)`: here the seeds are offset by `salt` (0
-    gives the notebook's own cases). `student(name)` is the function they are given to check."""
-    runs = {}
-    with _collect_lock:  # the check modules are shared by the grading threads
-        gen = checks._gen
-        checks._gen = lambda seed: torch.Generator().manual_seed(seed + salt)
-        checks.LAB.run = lambda name, fn, cases, atol=1e-5: runs.__setitem__(name, (fn, list(cases), atol))  # Lab.run's default atol
-        try:
-            for name in checks.LAB.exercises:
-                getattr(checks, name)(student(name))
-        finally:
-            checks._gen = gen
-            del checks.LAB.run
-    return runs
 
 
 # ------------------------------------------------------------------ what reading the code tells
@@ -169,7 +165,7 @@ def static_checks(cells: list[str], exercises: list[str]) -> tuple[dict[str, str
     def bound(package: str) -> set[str]:  # the names that imports from a package bind
         return {package} | {a.asname or a.name.split(".")[0] for _, _, n in nodes for m, a in modules(n) if m.split(".")[0] == package}
 
-    course, torch_names = bound("course_lib"), bound("torch")
+    course, torch_names = bound("course_lib") | bound("grading"), bound("torch")
     comparisons = {"allclose", "isclose", "equal", "eq", "__eq__", "testing"}
     no_credit: dict[str, str] = {}
     for k, src, node in nodes:
@@ -194,7 +190,7 @@ def static_checks(cells: list[str], exercises: list[str]) -> tuple[dict[str, str
     for name in set(exercises) & definitions.keys():  # an exercise that lets course_lib do the work
         inside = list(ast.walk(definitions[name]))
         uses = [n for n in inside if isinstance(n, ast.Name) and n.id in course]
-        if uses or any(m.startswith("course_lib") for n in inside for m, _ in modules(n)):
+        if uses or any(m.split(".")[0] in ("course_lib", "grading") for n in inside for m, _ in modules(n)):
             how = f"`{uses[0].id}`, line {uses[0].lineno}" if uses else "an import"
             no_credit.setdefault(name, f"no credit: it uses course_lib ({how}); the lab asks for torch operations only")
     return no_credit, where
@@ -212,202 +208,179 @@ def _chain(node: ast.AST) -> list[str]:
     return [node.id, *reversed(parts)] if isinstance(node, ast.Name) else []
 
 
-# ------------------------------------------------------ the worker process: runs the student's code
+# ------------------------------------------------------------- running a notebook in the sandbox
 
 
-class _Timeout(BaseException):
-    """Raised in the student's code at the time limit. Not an Exception, so that `except Exception`
-    there does not swallow it; and it fires again every second, in case a bare `except:` does."""
+_running: set = set()  # (process, budget) of the workers now running: Ctrl-C kills them
+_running_lock = threading.Lock()
 
 
-_deadline = [0.0]
+class _Channel:
+    """Reads the worker's standard output, untrusted: progress lines, then one result of at most
+    MAX_RESULT bytes. Anything else ends the reading with `problem` set."""
 
+    def __init__(self, stream, started: float):
+        self.step, self.since, self.result, self.problem = "setup", started, None, None
+        self.thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self.thread.start()
 
-def _on_alarm(signum, frame):
-    if _deadline[0] and time.monotonic() >= _deadline[0]:
-        raise _Timeout()
-
-
-def _limit(seconds: float) -> None:
-    """Arm the time limit (0 disarms it)."""
-    _deadline[0] = time.monotonic() + seconds if seconds else 0.0
-    signal.setitimer(signal.ITIMER_REAL, seconds, 1.0 if seconds else 0)
-
-
-def _describe(err: BaseException, job: dict) -> str:
-    """One line about an exception from the student's code, worded as the checks word it."""
-    if isinstance(err, _Timeout):
-        return f"timed out after {job['timeout']:g} s"
-    if isinstance(err, MemoryError) or "can't allocate memory" in str(err):
-        return f"ran out of memory (the limit is {job['memory_gb']:g} GB): {type(err).__name__}"
-    frames = [f for f in traceback.extract_tb(err.__traceback__) if f.filename.startswith("<ipython-input")]  # the notebook's own
-    line = err.lineno if isinstance(err, SyntaxError) else frames[-1].lineno if frames else None
-    message = str(err.msg if isinstance(err, SyntaxError) else err).strip().split("\n")[0][:200]
-    return f"{type(err).__name__}: {message}" + (f" (line {line})" if line else "")
-
-
-def _plain(x):
-    """An output as plain tensors, lists, tuples, numbers and strings: what the grader loads back."""
-    if isinstance(x, torch.Tensor):
-        x = x.detach().cpu().clone()
-        return x if type(x) is torch.Tensor else x.as_subclass(torch.Tensor)
-    if isinstance(x, (list, tuple)):
-        return (list if isinstance(x, list) else tuple)(_plain(v) for v in x)
-    for kind in (bool, int, float, str):
-        if isinstance(x, kind):
-            return kind(x)
-    return None if x is None else {"unsupported type": type(x).__name__}
-
-
-def _worker(job_path: str) -> None:
-    """Run one notebook, then call its exercise functions; write their outputs next to the job."""
-    from IPython.core.interactiveshell import InteractiveShell
-    from traitlets.config import Config
-
-    os.setsid()  # a process group of its own: killing the group kills what the notebook started too
-    job = json.loads(Path(job_path).read_text())
-    out = Path(job_path).parent
-    (out / "work").mkdir()
-    os.chdir(out / "work")  # the notebook's files go there, away from the grader's
-    os.environ.update(MPLBACKEND="Agg", IPYTHONDIR=str(out / "work" / ".ipython"))
-    log = os.open(out / "log.txt", os.O_WRONLY | os.O_CREAT)
-    os.dup2(log, 1), os.dup2(log, 2)
-    limit = int(job["memory_gb"] * 2**30)
-    try:
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))  # hard as well: the notebook cannot raise it
-    except (ValueError, OSError):  # macOS may refuse it: no memory limit there
-        pass
-    progress = out / "progress"  # the current step, for the grader to know what killed us
-    progress.write_text("setup")
-    torch.set_num_threads(1)
-    runs = collect(lab_checks(job["lab"]), job["salt"], lambda name: lambda *args, **kwargs: shell.user_ns[name](*args, **kwargs))
-    config = Config()
-    config.HistoryManager.enabled, config.InteractiveShell.colors = False, "nocolor"
-    shell = InteractiveShell.instance(config=config)
-    signal.signal(signal.SIGALRM, _on_alarm)
-    report = {"cells": {}}
-    for k, src in enumerate(job["cells"], 1):
-        if k not in job["skip_cells"]:
-            progress.write_text(f"cell {k}")
-            try:
-                _limit(job["timeout"])
-                result = shell.run_cell(src, store_history=False)
-                err = result.error_before_exec or result.error_in_exec
-            except _Timeout as timed_out:  # it fired again while IPython was reporting the first one
-                err = timed_out
-            finally:
-                _limit(0)
-            if err is not None:
-                report["cells"][k] = _describe(err, job)
-    ns = shell.user_ns
-    report["defined"] = {name: type(ns[name]).__name__ if name in ns else None for name in runs}
-    report["functions"] = sorted(k for k, v in ns.items() if inspect.isfunction(v) and not k.startswith("_"))
-    (out / "report.json").write_text(json.dumps(report))
-    for name, (fn, cases, _) in runs.items():
-        if name in job["skip_exercises"] or not callable(ns.get(name)):
-            continue
-        progress.write_text(f"exercise {name}")
-        outputs = []
+    def _read(self, stream) -> None:
         try:
-            _limit(job["timeout"])
-            for case in cases:  # until the first error: the checks stop there too
-                try:
-                    outputs.append(["ok", _plain(fn(*case.args, **case.kwargs))])
-                except NotImplementedError:
-                    outputs.append(["todo"])
-                except BaseException as err:  # noqa: BLE001 - the time limit and SystemExit included
-                    outputs.append(["error", _describe(err, job)])
-                if outputs[-1][0] != "ok":
-                    break
-        except _Timeout:  # between two cases
-            outputs.append(["error", _describe(_Timeout(), job)])
-        finally:
-            _limit(0)
-        torch.save(outputs, out / f"{name}.pt")
-    progress.write_text("done")
+            while True:
+                line = stream.readline(1000)
+                if not line:
+                    return
+                message = json.loads(line) if line.endswith(b"\n") else None
+                if isinstance(message, dict) and isinstance(message.get("step"), str) and len(message) == 1:
+                    self.step, self.since = message["step"][:100], time.time()
+                elif isinstance(message, dict) and type(message.get("result")) is int and len(message) == 1:
+                    if not 0 < message["result"] <= MAX_RESULT:
+                        self.problem = f"its result is too large ({message['result'] / 2**20:.0f} MB; the limit is {MAX_RESULT // 2**20} MB)"
+                        return
+                    self.result = stream.read(message["result"])
+                    return
+                else:
+                    self.problem = "it wrote something that is not the worker's report"
+                    return
+        except (ValueError, RecursionError, OSError):
+            self.problem = "it wrote something that is not the worker's report"
 
 
-# ------------------------------------------------------------- this process: run, compare, record
+def _tail(stream, keep: list) -> None:
+    """Keep the last 4 kB of the worker's standard error (its own errors; not the student's)."""
+    while chunk := stream.read(4096):
+        keep[:] = [(b"".join(keep) + chunk)[-4096:]]
 
 
-def run_notebook(cells: list[str], lab: str, salt: int, opts) -> tuple[dict, dict, dict]:
-    """Run a notebook in a worker process. Returns the worker's report, {exercise: outputs} and
-    {exercise: why it was not run}. A step that kills the worker, or does not stop, is skipped on a
-    rerun. Raises RuntimeError when the submission cannot be graded, OSError when the machine fails."""
+def load_result(data: bytes, exercises: list[str]) -> dict:
+    """The worker's report, checked before and after loading. Raises ValueError saying what is wrong."""
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+        members = archive.infolist()
+    except (zipfile.BadZipFile, ValueError, OSError) as err:
+        raise ValueError(f"its result is not the worker's ({type(err).__name__})") from None
+    if len(members) > 10_000 or any(m.compress_type != zipfile.ZIP_STORED for m in members) or sum(m.file_size for m in members) > len(data):
+        raise ValueError("its result is not the worker's (an archive of another shape)")
+    try:
+        report = torch.load(io.BytesIO(data), weights_only=True)  # tensors and plain data only
+    except Exception as err:  # noqa: BLE001 - whatever the bytes are
+        raise ValueError(f"its result could not be loaded ({type(err).__name__})") from None
+    ok = (isinstance(report, dict) and set(report) == {"cells", "defined", "functions", "outputs"}
+          and isinstance(report["cells"], dict) and all(isinstance(k, str) and k.isdigit() and isinstance(v, str) for k, v in report["cells"].items())
+          and isinstance(report["defined"], dict) and all(k in exercises and (v is None or isinstance(v, str)) for k, v in report["defined"].items())
+          and isinstance(report["functions"], list) and all(isinstance(f, str) for f in report["functions"])
+          and isinstance(report["outputs"], dict) and all(k in exercises and isinstance(v, list) and all(map(_valid_output, v))
+                                                          for k, v in report["outputs"].items()))
+    if not ok:
+        raise ValueError("its result is not the worker's (unexpected contents)")
+    report["cells"] = {int(k): v[:300] for k, v in report["cells"].items()}
+    return report
+
+
+def _valid_output(item) -> bool:
+    if not isinstance(item, list) or not item or item[0] not in ("ok", "todo", "error"):
+        return False
+    if item[0] == "todo":
+        return len(item) == 1
+    return len(item) == 2 and (isinstance(item[1], str) if item[0] == "error" else _plain(item[1]))
+
+
+def _plain(x, depth: int = 0) -> bool:
+    """Whether x is what the worker sends: exact tensors, numbers, strings, None, short lists."""
+    if type(x) is torch.Tensor or x is None or type(x) in (bool, int, float, str):
+        return True
+    if type(x) in (list, tuple):
+        return depth < 5 and len(x) <= 1000 and all(_plain(v, depth + 1) for v in x)
+    return type(x) is dict and set(x) == {"unsupported type"} and isinstance(x["unsupported type"], str)
+
+
+def run_notebook(cells: list[str], lab: str, inputs: dict, opts) -> tuple[dict, dict]:
+    """Run a notebook in a sandboxed worker. Returns its report and {exercise: why it was not run}.
+    A step that kills the worker, or does not stop, is skipped on a rerun. Raises RuntimeError
+    when the submission cannot be graded, OSError when the machine fails, Interrupted on Ctrl-C."""
     skip_cells: dict[int, str] = {}
     skip_exercises: dict[str, str] = {}
-    context = multiprocessing.get_context("forkserver")  # workers fork from a process that imported torch once
-    context.set_forkserver_preload(["course_lib.grade", "IPython.core.interactiveshell"])
+    buffer = io.BytesIO()
+    torch.save(inputs, buffer)
     start = time.monotonic()
     for _ in range(4):
         with tempfile.TemporaryDirectory(prefix="course-grade-") as tmp:
-            tmp, attempt = Path(tmp), time.time()
-            job = dict(cells=cells, lab=lab, salt=salt, timeout=opts.timeout, memory_gb=opts.memory,
+            job_dir = Path(tmp) / "job"
+            job_dir.mkdir()
+            job = dict(cells=cells, lab=lab, timeout=opts.timeout, memory_gb=opts.memory,
                        skip_cells=sorted(skip_cells), skip_exercises=sorted(skip_exercises))
-            (tmp / "job.json").write_text(json.dumps(job))
-            proc = context.Process(target=importlib.import_module("course_lib.grade")._worker, args=(str(tmp / "job.json"),))
-            with _start_lock:  # a worker needs nothing from __main__: multiprocessing would run it again there
-                main, sys.modules["__main__"] = sys.modules["__main__"], ModuleType("__main__")
-                try:
-                    proc.start()
-                finally:
-                    sys.modules["__main__"] = main
+            (job_dir / "job.json").write_text(json.dumps(job))
+            os.chmod(tmp, 0o755)  # the unprivileged user inside reads the job
+            budget = sandbox.Budget(f"course-grade-{os.getpid()}-{next(_names)}", int(opts.memory * 2**30))
+            if STOP.is_set():
+                budget.remove()
+                raise Interrupted()
+            proc = sandbox.start(job_dir, budget, opts.scratch, opts.unsafe_no_sandbox)
+            with _running_lock:
+                _running.add((proc, budget))
+            channel, errors = _Channel(proc.stdout, time.time()), [b""]
+            threading.Thread(target=_tail, args=(proc.stderr, errors), daemon=True).start()
+            threading.Thread(target=_feed, args=(proc.stdin, buffer.getvalue()), daemon=True).start()
             why = None
-            while why is None and proc.is_alive():
-                proc.join(0.2)
-                step, since = _progress(tmp, attempt)
-                limit = SETUP_S if step == "setup" else opts.timeout
-                if time.monotonic() - start > opts.total:
-                    why = f"the whole notebook ran past {opts.total:g} s"
-                elif time.time() - since > limit + GRACE_S:
-                    why = f"timed out after {limit:g} s"
-            _kill(proc)  # and whatever the notebook started
-            step, _ = _progress(tmp, attempt)
-            if step == "done":
-                report = json.loads((tmp / "report.json").read_text())
-                report["cells"] = {int(k): v for k, v in report["cells"].items()} | skip_cells
-                outputs = {}
-                for name in report["defined"]:
-                    try:
-                        outputs[name] = torch.load(tmp / f"{name}.pt", weights_only=True)  # tensors and plain data only
-                    except Exception:  # noqa: BLE001 - not written, or not what the worker writes: no output
-                        pass
-                return report, outputs, skip_exercises
-            rc = proc.exitcode
-            why = why or f"the kernel died ({f'signal {-rc}' if rc < 0 else f'exit code {rc}'}{', out of memory?' if rc == -9 else ''})"
+            try:
+                while why is None and proc.poll() is None and channel.result is None and channel.problem is None:
+                    time.sleep(0.1)
+                    limit = SETUP_S if channel.step == "setup" else opts.timeout
+                    if STOP.is_set():
+                        raise Interrupted()
+                    if time.monotonic() - start > opts.total:
+                        why = f"the whole notebook ran past {opts.total:g} s"
+                    elif time.time() - channel.since > limit + GRACE_S:
+                        why = f"timed out after {limit:g} s"
+                channel.thread.join(timeout=30 if channel.result is None and why is None and channel.problem is None else 0)
+            finally:
+                sandbox.stop(proc, budget)  # and whatever the notebook started
+                with _running_lock:
+                    _running.discard((proc, budget))
+            if STOP.is_set():
+                raise Interrupted()
+            if channel.problem:
+                raise RuntimeError(channel.problem)
+            if channel.result is not None:
+                return load_result(channel.result, list(inputs)), skip_exercises
+            rc, step = proc.returncode, channel.step
+            why = why or f"the kernel died ({f'signal {-rc}' if rc < 0 else f'exit code {rc}'}{', out of memory?' if rc in (-9, 137) else ''})"
             if step == "setup":  # before any student code
-                log = (tmp / "log.txt").read_text(errors="replace").strip().split("\n") if (tmp / "log.txt").exists() else [""]
-                raise OSError(f"the worker failed to start: {why}" + (f": {log[-1][:200]}" if log[-1] else ""))
+                last = errors[0].decode(errors="replace").strip().split("\n")[-1][:300]
+                raise OSError(f"the worker failed to start: {why}" + (f": {last}" if last else ""))
             if "whole notebook" in why:
                 raise RuntimeError(why)
-            if step.startswith("cell "):
+            if step.startswith("cell ") and step[5:].isdigit():
                 skip_cells[int(step[5:])] = f"{why}; skipped on a rerun"
-            else:
+            elif step.startswith("exercise ") and step[9:] in inputs:
                 skip_exercises[step[9:]] = f"{why} while running it"
+            else:
+                raise RuntimeError(f"the notebook kept stopping the kernel ({why})")
     raise RuntimeError("the notebook kept stopping the kernel: gave up after four runs")
 
 
-def _progress(tmp: Path, started: float) -> tuple[str, float]:
-    """The worker's current step and when it began (`started`, until the worker says)."""
+def _feed(stream, data: bytes) -> None:
     try:
-        return (tmp / "progress").read_text(), (tmp / "progress").stat().st_mtime
-    except OSError:
-        return "setup", started
-
-
-def _kill(proc: multiprocessing.Process) -> None:
-    """Stop a worker and whatever the notebook started: they share the worker's process group."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except OSError:  # no group: it died before making one, or nothing is left in it
+        stream.write(data)
+        stream.close()
+    except OSError:  # the worker died before reading it
         pass
-    if proc.is_alive():
-        proc.kill()
-    proc.join()
+
+
+def stop_all() -> None:
+    """Ctrl-C: stop every running worker now."""
+    STOP.set()
+    with _running_lock:
+        running = list(_running)
+    for proc, budget in running:
+        sandbox.stop(proc, budget)
+
+
+# ------------------------------------------------------------- this process: compare, record
 
 
 def score(cases: list, atol: float, outputs: list) -> tuple[str, str]:
-    """(status, reason) for one exercise, worded as Lab.run words it."""
+    """(status, reason) for one exercise, worded as the notebook's check words it."""
     for i, case in enumerate(cases, 1):
         where = f"case {i} ({case.description})"
         kind, *value = outputs[i - 1] if i <= len(outputs) else ["error", "no output"]
@@ -417,7 +390,7 @@ def score(cases: list, atol: float, outputs: list) -> tuple[str, str]:
             return FAIL, f"{where}: {value[0]}"
         got = value[0]
         if isinstance(got, dict) and set(got) == {"unsupported type"}:
-            got = type(got["unsupported type"], (), {})()  # so that compare() names its type
+            got = type(str(got["unsupported type"]), (), {})()  # so that compare() names its type
         try:
             compare(got, case.expected, atol=atol)
         except CheckFailed as err:
@@ -427,34 +400,38 @@ def score(cases: list, atol: float, outputs: list) -> tuple[str, str]:
     return PASS, f"{len(cases)}/{len(cases)} cases"
 
 
-def grade(path: Path, student: str, shown: str, opts, batch_lab: str | None = None) -> dict:
-    """Grade one file: its record, with one row per exercise. Never raises for a bad submission."""
-    data = path.read_bytes()
+def grade(data: bytes, key: str, opts, batch_lab: str | None = None, problem: str | None = None) -> dict:
+    """Grade one file's bytes: its record, with one row per exercise. Never raises for a bad
+    submission (Interrupted on Ctrl-C)."""
     sha = hashlib.sha256(data).hexdigest()
-    record = {"student": student, "file": shown, "sha256": sha, "lab": opts.lab or batch_lab, "title": None, "notes": [], "rows": []}
+    record = {"student": key, "file": key, "sha256": sha, "lab": opts.lab or batch_lab, "title": None, "notes": [], "rows": []}
     try:
+        if problem:
+            raise ValueError(problem)
         cells, markdown = read_notebook(data)
-        record["lab"] = opts.lab or identify_lab("\n".join(cells), markdown, path.name) or batch_lab
+        record["lab"] = opts.lab or identify_lab("\n".join(cells), markdown, Path(key).name) or batch_lab
         if record["lab"] is None:
             raise ValueError("cannot tell which lab this notebook is for: grade it with --lab NN")
-        checks = lab_checks(record["lab"])
+        lab = lab_checks(record["lab"]).LAB
         salt = int(sha[:12], 16)  # new random values, which the notebook cannot know before it is final
-        report, outputs, died = run_notebook(cells, record["lab"], salt, opts)
+        cases = {name: lab.cases(name, salt) for name in lab.exercises}
+        report, died = run_notebook(cells, record["lab"], {n: [(c.args, c.kwargs) for c in cs] for n, cs in cases.items()}, opts)
+        no_credit, where = static_checks(cells, list(lab.exercises))
+    except Interrupted:
+        raise
     except (ValueError, RuntimeError) as err:
         return _ungraded(record, str(err))
     except GradeError as err:  # it names a lab that does not exist
         return _ungraded(record | {"lab": None}, str(err))
     except Exception as err:  # noqa: BLE001 - a fault of the grader or the machine: say so, go on, retry next time
         return _ungraded(record, f"not graded, the grader failed: {type(err).__name__}: {err}") | {"final": False}
-    no_credit, where = static_checks(cells, checks.LAB.exercises)
-    expected = collect(checks, salt)
 
     def label(k: int) -> str:  # "code cell 7 (`import os`)": the number alone is hard to find in Jupyter
-        first = next((s.strip() for s in cells[k - 1].split("\n") if s.strip() and not s.strip().startswith("#")), "")
+        first = next((s.strip() for s in cells[k - 1].split("\n") if s.strip() and not s.strip().startswith("#")), "") if k <= len(cells) else ""
         return f"code cell {k} (`{first[:40]}`)"
 
-    record.update(title=checks.LAB.title, notes=[f"{label(k)}: {why}" for k, why in sorted(report["cells"].items())])
-    for number, name in enumerate(checks.LAB.exercises, 1):
+    record.update(title=lab.title, notes=[f"{label(k)}: {why}" for k, why in sorted(report["cells"].items())])
+    for number, (name, exercise) in enumerate(lab.exercises.items(), 1):
         defined, cell_error = report["defined"].get(name), report["cells"].get(where.get(name))
         near = difflib.get_close_matches(name, report["functions"], n=1, cutoff=0.5)
         if name in no_credit or name in died:
@@ -463,23 +440,21 @@ def grade(path: Path, student: str, shown: str, opts, batch_lab: str | None = No
             status, reason = MISSING, f"no function named `{name}` in the notebook" + (
                 f": its cell, {label(where[name])}, stopped before defining it: {cell_error}" if cell_error
                 else f" (found `{near[0]}`: keep the name the lab gives)" if near else "")
-        elif defined != "function" and name not in outputs:
+        elif name not in report["outputs"]:
             status, reason = FAIL, f"expected a function, got {defined}"
         else:
-            _, cases, atol = expected[name]
-            status, reason = score(cases, atol, outputs.get(name, [["error", "no output (did the notebook change the grader?)"]]))
-        max_points = checks.LAB.points[name]
-        record["rows"].append(dict(student=student, lab=record["lab"], number=number, exercise=name,
-                                   points=max_points if status == PASS else 0.0, max_points=max_points, status=status, reason=reason))
+            status, reason = score(cases[name], exercise.atol, report["outputs"][name])
+        record["rows"].append(dict(student=key, lab=record["lab"], number=number, exercise=name,
+                                   points=exercise.points if status == PASS else 0.0, max_points=exercise.points, status=status, reason=reason))
     return record
 
 
 def _ungraded(record: dict, reason: str) -> dict:
     """The record with status ERROR for every exercise of its lab (one row when the lab is unknown)."""
-    checks = lab_checks(record["lab"]) if record["lab"] else None
-    points = checks.LAB.points if checks else {"-": 0.0}
-    record.update(title=checks.LAB.title if checks else None, rows=[
-        dict(student=record["student"], lab=record["lab"] or "", number=i if checks else "", exercise=name, points=0.0,
+    lab = lab_checks(record["lab"]).LAB if record["lab"] else None
+    points = lab.points if lab else {"-": 0.0}
+    record.update(title=lab.title if lab else None, rows=[
+        dict(student=record["student"], lab=record["lab"] or "", number=i if lab else "", exercise=name, points=0.0,
              max_points=max_points, status=ERROR, reason=reason) for i, (name, max_points) in enumerate(points.items(), 1)])
     return record
 
@@ -492,9 +467,10 @@ def feedback(record: dict, opts) -> str:
     lines += [f"[{r['status']}] Exercise {r['number']} {r['exercise']}: {r['reason']}" for r in rows]
     if record["notes"]:
         lines += ["", "While your notebook ran:"] + [f"- {note}" for note in record["notes"]]
-    how = (f"How this was graded: your notebook ran from top to bottom in a fresh kernel (at most {opts.timeout:g} s per cell, "
-           f"{opts.memory:g} GB of memory), then each exercise's function was checked on cases of the same shapes as in your "
-           "notebook but with new random values, so the numbers can differ from the ones your notebook printed.")
+    how = (f"How this was graded: your notebook ran from top to bottom in a fresh kernel, isolated from everything else (at most "
+           f"{opts.timeout:g} s per cell, {opts.memory:g} GB of memory), then each exercise's function was checked on cases of the "
+           "same shapes as in your notebook but with new random values, so the numbers can differ from the ones your notebook "
+           "printed. The course's own implementations cannot be called while your functions run.")
     return "\n".join(lines + [""] + textwrap.wrap(how, 100)) + "\n"
 
 
@@ -515,84 +491,146 @@ def write_gradebook(out: Path, records: dict, settings: dict) -> None:
     _write(out / "gradebook.json", json.dumps({"grader": VERSION, "settings": settings, "submissions": records}, indent=1) + "\n")
 
 
-def find_submissions(paths: list[Path], out: Path) -> list[tuple[str, Path, str]]:
-    """(student, file, its path as shown) for every submission under `paths`, sorted by student.
-    A student with several files gets a set of rows for each, named by folder and file."""
-    found = {}  # file -> (student, path shown, longer name)
+def find_submissions(paths: list[Path], out: Path) -> list[tuple[str, Path, str | None]]:
+    """(key, file, why it is refused or None) for every submission under `paths`, sorted by key.
+    The key is the path relative to the folder given (or the path as given, for a file)."""
+    found: dict[str, tuple[Path, str | None]] = {}
+    out = out.resolve()
+
+    def add(key: str, path: Path) -> None:
+        problem = None
+        if path.is_symlink():
+            problem = f"refused: a symbolic link (to {os.readlink(path)}); hand in the file itself"
+        elif not path.is_file():
+            problem = "refused: not a plain file"
+        found.setdefault(key, (path, problem))
+
     for p in paths:
-        if p.is_dir():
-            for f in sorted(p.rglob("*")):
-                rel = f.relative_to(p)
-                if f.is_file() and not any(part.startswith(".") for part in rel.parts) and out.resolve() not in f.resolve().parents:
-                    found.setdefault(f.resolve(), (rel.parts[0] if len(rel.parts) > 1 else f.stem, f, str(rel), rel.with_suffix("").as_posix()))
-        elif p.is_file():
-            found.setdefault(p.resolve(), (p.stem, p, str(p), f"{p.resolve().parent.name}/{p.stem}"))
+        if p.is_dir() and not p.is_symlink():
+            for folder, dirs, files in os.walk(p):  # symbolic links to folders are not followed
+                here = Path(folder)
+                for d in [d for d in dirs if not d.startswith(".")]:
+                    if (here / d).is_symlink():
+                        add((here / d).relative_to(p).as_posix(), here / d)
+                dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not (here / d).is_symlink() and (here / d).resolve() != out)
+                for f in sorted(files):
+                    if not f.startswith("."):
+                        add((here / f).relative_to(p).as_posix(), here / f)
+        elif p.exists() or p.is_symlink():
+            add(str(p), p)
         else:
             raise GradeError(f"{p}: no such file or folder")
     if not found:
         raise GradeError(f"no submissions in {', '.join(map(str, paths))}")
-    counts = Counter(student for student, *_ in found.values())
-    return sorted((s if counts[s] == 1 else longer, f, shown) for s, f, shown, longer in found.values())
+    return sorted((key, path, problem) for key, (path, problem) in found.items())
+
+
+def read_file(path: Path) -> tuple[bytes, str | None]:
+    """The bytes of a submission (not following links), or b"" and why it cannot be read."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as f:
+            info = os.fstat(f.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                return b"", "refused: not a plain file"
+            if info.st_size > MAX_FILE:
+                return b"", f"too large to be a lab notebook ({info.st_size / 2**20:.0f} MB; the limit is {MAX_FILE // 2**20} MB)"
+            return f.read(MAX_FILE + 1), None
+    except OSError as err:
+        return b"", f"cannot be read: {err.strerror or err}"
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m course_lib.grade", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m grading.grade", description=__doc__.split("\n")[0])
     p.add_argument("submissions", nargs="+", type=Path, help="notebook files, or folders of them")
     p.add_argument("--lab", help="the lab of every submission, e.g. 01 (default: read from each notebook)")
     p.add_argument("--out", type=Path, default=Path("gradebook"), help="where to write the gradebook (default gradebook/)")
     p.add_argument("--timeout", type=float, default=60, help="seconds for each cell and each exercise (default 60)")
     p.add_argument("--total", type=float, default=900, help="seconds for a whole submission (default 900)")
-    p.add_argument("--memory", type=float, default=4, help="GB of memory for each submission (default 4)")
+    p.add_argument("--memory", type=float, default=4, help="GB of memory for each submission, all its processes together (default 4)")
+    p.add_argument("--scratch", type=int, default=256, help="MB of writable scratch space for each submission (default 256)")
     p.add_argument("--jobs", type=int, default=1, help="submissions graded at the same time (default 1)")
     p.add_argument("--regrade", action="store_true", help="grade every submission again, even unchanged ones")
+    p.add_argument("--unsafe-no-sandbox", action="store_true", help="run the notebooks without bubblewrap: only for notebooks you trust")
     opts = p.parse_args(argv)
     try:
-        if min(opts.timeout, opts.total, opts.memory, opts.jobs) <= 0:
-            raise GradeError("--timeout, --total, --memory and --jobs must be positive")
+        if min(opts.timeout, opts.total, opts.memory, opts.jobs, opts.scratch) <= 0:
+            raise GradeError("--timeout, --total, --memory, --scratch and --jobs must be positive")
         if opts.memory < 1:
             raise GradeError("--memory must be at least 1 (GB): a kernel with torch imported takes about 0.7 GB")
-        opts.lab = lab_checks(opts.lab).__name__[-2:] if opts.lab else None
+        if not sandbox.bwrap() and not opts.unsafe_no_sandbox:
+            raise GradeError("bubblewrap (bwrap) is not installed, and students' notebooks must not run unisolated: "
+                             "run `make grade-setup` (apt-get install bubblewrap), or pass --unsafe-no-sandbox for notebooks you trust")
+        opts.lab = lab_checks(opts.lab).LAB.number if opts.lab else None
         if opts.out.exists() and not opts.out.is_dir():
             raise GradeError(f"--out {opts.out} is a file: give a folder")
         submissions = find_submissions(opts.submissions, opts.out)
     except GradeError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    settings = {"lab": opts.lab, "timeout": opts.timeout, "total": opts.total, "memory_gb": opts.memory}
+    probe = sandbox.Budget(f"course-grade-{os.getpid()}-probe", 2**30)
+    probe.remove()
+    isolation = "none (--unsafe-no-sandbox)" if opts.unsafe_no_sandbox else f"bubblewrap ({sandbox.version()})"
+    print(f"sandbox: {isolation}; memory and process budget: {probe.kind}", flush=True)
+    settings = {"lab": opts.lab, "timeout": opts.timeout, "total": opts.total, "memory_gb": opts.memory, "scratch_mb": opts.scratch,
+                "sandbox": isolation.split(" (")[0], "budget": probe.kind.split(" (")[0]}
     (opts.out / "feedback").mkdir(parents=True, exist_ok=True)
-    previous = {}  # (student, sha256) -> record, from the last run with the same grader and settings
+    previous = {}  # (key, sha256) -> record, from the last run with the same grader and settings
     try:
         book = json.loads((opts.out / "gradebook.json").read_text())
         if book["grader"] == VERSION and book["settings"] == settings and not opts.regrade:
             previous = {(r["student"], r["sha256"]): r for r in book["submissions"] if r.get("final", True)}
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         pass
+    files = {key: read_file(path) if problem is None else (b"", problem) for key, path, problem in submissions}
     labs = Counter()  # the labs of the batch: a file that cannot tell its own gets the batch's, if one
-    for _, f, _ in submissions:
+    for key, (data, problem) in files.items():
         try:
-            code, markdown = read_notebook(f.read_bytes())
-            labs[identify_lab("\n".join(code), markdown, f.name)] += 1
-        except ValueError:
+            code, markdown = read_notebook(data)
+            labs[identify_lab("\n".join(code), markdown, Path(key).name)] += 1
+        except Exception:  # noqa: BLE001 - it gets its rows when graded
             pass
     labs.pop(None, None)
     batch_lab = next(iter(labs)) if len(labs) == 1 else None
     records, lock = {}, threading.Lock()
 
-    def one(student: str, f: Path, shown: str) -> None:
-        old = previous.get((student, hashlib.sha256(f.read_bytes()).hexdigest()))
-        record = dict(old, file=shown) if old else grade(f, student, shown, opts, batch_lab)
+    def one(key: str) -> None:
+        data, problem = files[key]
+        old = previous.get((key, hashlib.sha256(data).hexdigest()))
+        try:
+            record = old or grade(data, key, opts, batch_lab, problem)
+        except Interrupted:
+            return
         with lock:
-            records[student] = record
-            _write(opts.out / "feedback" / f"{student.replace('/', '__')}.txt", feedback(record, opts))
+            if STOP.is_set() and not old:
+                return
+            records[key] = record
+            _write(opts.out / "feedback" / f"{key.replace('/', '__')}.txt", feedback(record, opts))
             write_gradebook(opts.out, records, settings)
             rows = record["rows"]
-            print(f"{student}: {sum(r['points'] for r in rows):g}/{sum(r['max_points'] for r in rows):g} points"
+            print(f"{key}: {sum(r['points'] for r in rows):g}/{sum(r['max_points'] for r in rows):g} points"
                   f" ({record['title'] or 'lab unknown'}){' (unchanged)' if old else ''}", flush=True)
 
-    with ThreadPoolExecutor(opts.jobs) as pool:
-        for future in [pool.submit(one, *s) for s in submissions]:
+    STOP.clear()
+    started = time.monotonic()
+    on_term = signal.signal(signal.SIGTERM, signal.default_int_handler) if threading.current_thread() is threading.main_thread() else None
+    pool = ThreadPoolExecutor(opts.jobs)
+    try:
+        futures = [pool.submit(one, key) for key in files]
+        for future in futures:
             future.result()
-    print(f"wrote {opts.out / 'gradebook.csv'}, {opts.out / 'gradebook.json'} and {len(records)} feedback files in {opts.out / 'feedback'}")
+    except KeyboardInterrupt:
+        stop_all()
+        pool.shutdown(wait=True, cancel_futures=True)
+        print(f"interrupted: {len(records)} of {len(files)} files graded and recorded in {opts.out}; run the same command again to "
+              "grade the rest", file=sys.stderr)
+        return 130
+    finally:
+        pool.shutdown(wait=True)
+        if on_term is not None:
+            signal.signal(signal.SIGTERM, on_term)
+    print(f"wrote {opts.out / 'gradebook.csv'}, {opts.out / 'gradebook.json'} and {len(records)} feedback files in {opts.out / 'feedback'}"
+          f" ({time.monotonic() - started:.1f} s)")
     return 0
 
 
