@@ -79,7 +79,8 @@ class Budget:
         try:
             parents = _cgroup_parents()
             if "memory" in parents:
-                settings = {parents["memory"] / name: {"memory.limit_in_bytes": memory_bytes},
+                settings = {parents["memory"] / name: {"memory.limit_in_bytes": memory_bytes, "memory.memsw.limit_in_bytes": memory_bytes,
+                                                       "memory.swappiness": 0},
                             parents["pids"] / name: {"pids.max": MAX_PROCESSES}}
                 kind = "cgroup v1"
             elif "v2" in parents:

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 MAX_THREADS = 4  # what a student's torch.set_num_threads(1000) is clamped to
+MAX_OUTPUT = 16 * 2**20  # bytes of tensors in one output: the checks' outputs are a few kB
 
 
 class _Timeout(BaseException):
@@ -76,6 +77,14 @@ def plain(x, depth: int = 0):
     if isinstance(x, str):
         return str(x)[:1000]
     return None if x is None else {"unsupported type": type(x).__name__[:100]}
+
+
+def _tensors(x, depth: int = 0):
+    if isinstance(x, torch.Tensor):
+        yield x
+    elif isinstance(x, (list, tuple)) and depth < 5:
+        for v in x[:1000]:
+            yield from _tensors(v, depth + 1)
 
 
 def _clamp_threads() -> None:
@@ -157,7 +166,9 @@ def main(job_dir: str) -> None:
                 try:
                     with exercise.guard():
                         got = exercise.call(fn, *args, **kwargs)
-                    outputs.append(["ok", plain(got)])
+                    size = sum(t.numel() * t.element_size() for t in _tensors(got))
+                    outputs.append(["ok", plain(got)] if size <= MAX_OUTPUT else
+                                   ["error", f"its output is too large ({size / 2**20:.0f} MB; the expected one is a few kB)"])
                 except NotImplementedError:
                     outputs.append(["todo"])
                 except CheckFailed as err:  # the check's own condition (lab 05: the student's parameters changed)
