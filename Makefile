@@ -19,7 +19,7 @@ help:
 	@echo "make test       run every test: library, parity, labs, notebook budgets, browser clients"
 	@echo "make lab        open JupyterLab on the course"
 	@echo "make labs       regenerate labs/ from solutions/ (FORCE=1 to replace edited labs, with a backup)"
-	@echo "make grade      grade students' lab notebooks: SUBMISSIONS=folder/ [OUT=gradebook/] (README)"
+	@echo "make grade      grade students' lab notebooks, each in a sandbox: SUBMISSIONS=folder/ [OUT=gradebook/] (README)"
 	@echo "make notebooks  rewrite the .ipynb copies from the .md sources (solutions executed)"
 
 setup: $(STAMP)
@@ -30,7 +30,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --disable-pip-version-check -e ".[dev]"
 	touch $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) grade-setup
 	$(MAKE) test-unit
 	$(MAKE) test-notebooks
 	$(MAKE) test-browser
@@ -59,6 +59,10 @@ SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 browser-setup:
 	@command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium; }
 
+# Debian's bubblewrap, the grader's sandbox (and the grading tests').
+grade-setup:
+	@command -v bwrap >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq bubblewrap; }
+
 book: $(STAMP)
 	$(BIN)/python scripts/build_book.py
 
@@ -69,8 +73,9 @@ labs: $(STAMP)
 	$(BIN)/python -m grading.labs $(if $(FORCE),--force,)
 
 # Grade a folder of students' lab notebooks (instructors): make grade SUBMISSIONS=path/ [OUT=gradebook/] [LAB=01]
-.PHONY: grade
-grade: $(STAMP)
+# Each notebook runs in a bubblewrap sandbox (README, "For instructors: grading").
+.PHONY: grade grade-setup
+grade: $(STAMP) grade-setup
 	$(if $(SUBMISSIONS),,$(error give the submissions: make grade SUBMISSIONS=path/to/folder))
 	$(BIN)/python -m grading.grade $(SUBMISSIONS) --out $(or $(OUT),gradebook) --jobs $(JOBS) $(if $(LAB),--lab $(LAB),)
 

@@ -462,7 +462,7 @@ def _ungraded(record: dict, reason: str) -> dict:
 def feedback(record: dict, opts) -> str:
     """The text a student gets."""
     rows = record["rows"]
-    lines = [f"{record['title'] or 'Lab ?'}: {record['student']} ({record['file']})",
+    lines = [f"{record['title'] or 'Lab ?'}: {record['student']}",
              f"{sum(r['points'] for r in rows):g}/{sum(r['max_points'] for r in rows):g} points", ""]
     lines += [f"[{r['status']}] Exercise {r['number']} {r['exercise']}: {r['reason']}" for r in rows]
     if record["notes"]:
