@@ -65,7 +65,9 @@ def functions(reference) -> Iterator:
         yield from functions(reference.__wrapped__)
     elif inspect.isclass(reference):
         for value in vars(reference).values():
-            yield from functions(getattr(value, "__func__", value)) if inspect.isfunction(getattr(value, "__func__", value)) else ()
+            fn = getattr(value, "__func__", value)  # staticmethod and classmethod hold a function
+            if inspect.isfunction(fn):
+                yield fn
     elif inspect.isfunction(reference):
         yield reference
     else:
