@@ -272,9 +272,12 @@ def run_notebook(cells: list[str], lab: str, inputs: dict, opts) -> tuple[dict, 
             if channel.problem:
                 raise RuntimeError(channel.problem)
             if channel.result is not None:
-                return load_result(channel.result, list(inputs)), skip_exercises
+                report = load_result(channel.result, list(inputs))
+                report["cells"].update(skip_cells)  # what stopped the earlier runs
+                return report, skip_exercises
             rc, step = proc.returncode, channel.step
-            why = why or f"the kernel died ({f'signal {-rc}' if rc < 0 else f'exit code {rc}'}{', out of memory?' if rc in (-9, 137) else ''})"
+            killed_by = -rc if rc < 0 else rc - 128 if rc > 128 else None  # bwrap exits with 128 + the signal
+            why = why or f"the kernel died ({f'signal {killed_by}' if killed_by else f'exit code {rc}'}{', out of memory?' if killed_by == 9 else ''})"
             if step == "setup":  # before any student code
                 last = errors[0].decode(errors="replace").strip().split("\n")[-1][:300]
                 raise OSError(f"the worker failed to start: {why}" + (f": {last}" if last else ""))

@@ -254,14 +254,15 @@ torch.save, torch.load, pickle.dumps = broken, broken, broken
 """
 DISK_FILL = """import os
 
-chunk = b"0" * 2**20
+chunk, stopped = b"0" * 2**20, []
 for folder in [".", "/tmp", os.path.expanduser("~"), "/job", "/scratch"]:
     try:
         with open(os.path.join(folder, "filler"), "wb") as f:
             for _ in range(100_000):  # 100 GB
                 f.write(chunk)
     except OSError as err:
-        print(folder, err)
+        stopped.append(f"{folder}: {err.strerror}")
+raise OSError("; ".join(stopped))
 """
 HUGE_OUTPUT = "def patchify(images, patch_size):\n    return torch.zeros(200_000_000)  # 0.8 GB for every case\n"
 TOO_MANY_THREADS = "torch.set_num_threads(1000)  # clamped, not punished\ntorch.set_num_interop_threads(500)"
