@@ -424,6 +424,15 @@ def write_gradebook(out: Path, records: dict, settings: dict) -> None:
     _write(out / "gradebook.json", json.dumps({"grader": VERSION, "settings": settings, "submissions": records}, indent=1) + "\n")
 
 
+def feedback_name(key: str) -> str:
+    """The feedback file of a key: `bob/lab01.ipynb` -> `bob__lab01.ipynb.txt` (shortened, with a
+    hash, when a deep path would make too long a file name)."""
+    name = key.replace("/", "__").replace("\0", "")
+    if len(name.encode()) > 200:
+        name = name[:100] + "-" + hashlib.sha256(key.encode()).hexdigest()[:12]
+    return name + ".txt"
+
+
 def find_submissions(paths: list[Path], out: Path) -> list[tuple[str, Path, str | None]]:
     """(key, file, why it is refused or None) for every submission under `paths`, sorted by key.
     The key is the path relative to the folder given (or the path as given, for a file)."""
@@ -538,7 +547,7 @@ def main(argv: list[str] | None = None) -> int:
             if STOP.is_set() and not old:
                 return
             records[key] = record
-            _write(opts.out / "feedback" / f"{key.replace('/', '__')}.txt", feedback(record, opts))
+            _write(opts.out / "feedback" / feedback_name(key), feedback(record, opts))
             write_gradebook(opts.out, records, settings)
             rows = record["rows"]
             print(f"{key}: {sum(r['points'] for r in rows):g}/{sum(r['max_points'] for r in rows):g} points"

@@ -232,6 +232,12 @@ def test_find_submissions_keys_are_paths_links_are_refused(tmp_path):
     assert grade.read_file(subs / "aaron.ipynb")[1].startswith("cannot be read")  # O_NOFOLLOW, should it get that far
 
 
+def test_feedback_names_are_flat_and_short():
+    assert grade.feedback_name("bob/lab01.ipynb") == "bob__lab01.ipynb.txt"
+    deep = "/".join(["folder" * 10] * 20) + "/lab01.ipynb"
+    assert len(grade.feedback_name(deep)) < 255 and grade.feedback_name(deep) != grade.feedback_name(deep + "x")
+
+
 @pytest.mark.parametrize("args,message", [
     (["missing/"], "missing: no such file or folder"),
     (["{empty}"], "no submissions in"),
