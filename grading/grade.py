@@ -245,12 +245,20 @@ def run_notebook(cells: list[str], lab: str, inputs: dict, opts) -> tuple[dict, 
             if STOP.is_set():
                 budget.remove()
                 raise Interrupted()
-            proc = sandbox.start(job_dir, budget, opts.scratch, opts.unsafe_no_sandbox)
+            try:
+                if sandbox.forking(budget, opts.unsafe_no_sandbox):  # from this slot's preloaded zygote: no torch import
+                    proc = sandbox.start_forked(budget, opts.scratch, SETUP_S)
+                    data = json.dumps(job).encode() + b"\n" + buffer.getvalue()
+                else:
+                    proc, data = sandbox.start(job_dir, budget, opts.scratch, opts.unsafe_no_sandbox), buffer.getvalue()
+            except BaseException:
+                budget.remove()
+                raise
             with _running_lock:
                 _running.add((proc, budget))
             channel, errors = _Channel(proc.stdout, time.time()), [b""]
             threading.Thread(target=_tail, args=(proc.stderr, errors), daemon=True).start()
-            threading.Thread(target=_feed, args=(proc.stdin, buffer.getvalue()), daemon=True).start()
+            threading.Thread(target=_feed, args=(proc.stdin, data), daemon=True).start()
             why = None
             try:
                 while why is None and proc.poll() is None and channel.result is None and channel.problem is None:
@@ -307,6 +315,7 @@ def stop_all() -> None:
         running = list(_running)
     for proc, budget in running:
         sandbox.stop(proc, budget)
+    sandbox.close_zygotes()
 
 
 # ------------------------------------------------------------- this process: compare, record
@@ -569,6 +578,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         pool.shutdown(wait=True)
+        sandbox.close_zygotes()
         if on_term is not None:
             signal.signal(signal.SIGTERM, on_term)
     print(f"wrote {opts.out / 'gradebook.csv'}, {opts.out / 'gradebook.json'} and {len(records)} feedback files in {opts.out / 'feedback'}"

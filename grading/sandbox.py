@@ -18,6 +18,11 @@ and lets us write. Where no cgroup can be made (an unprivileged user without del
 budget falls back to limits per process (RLIMIT_AS in the worker): `budget.kind` says which, and
 the grader prints it.
 
+Where the grader is root and the budget a cgroup, a worker is not started afresh for every
+submission: `start_forked` forks it from this job slot's preloaded zygote (`grading.zygote`), which
+gives each submission the same isolation inside the same bubblewrap view, without importing torch
+again.
+
 Without bwrap the grader refuses to run, unless the instructor passes `--unsafe-no-sandbox`:
 then the worker runs as a plain process in a new session, with the same budget, a scratch folder
 of its own as working directory, and nothing else isolated.
@@ -32,6 +37,7 @@ import signal
 import site
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -110,6 +116,11 @@ class Budget:
         moves = "; ".join(f'echo $$ > "{f}/cgroup.procs"' for f in self.folders)
         return ["/bin/sh", "-c", f'{moves} && exec "$@"', "sh"]
 
+    def add(self, pid: int) -> None:
+        """Move a process into the budget (before it runs anything of the submission)."""
+        for folder in self.folders:
+            (folder / "cgroup.procs").write_text(str(pid))
+
     def kill(self) -> None:
         """SIGKILL every process left in the budget (there should be none: the PID namespace)."""
         for _ in range(50):
@@ -146,21 +157,63 @@ def _readonly_paths() -> list[str]:
     return sorted(p for p in paths if p and os.path.exists(p))
 
 
+def _system_view(scratch_mb: int, open_parents: bool = False) -> list[str]:
+    """bwrap options: the read-only system, Python and course; /proc, /dev; capped /tmp and /scratch.
+    `open_parents`: the folders above them readable by everyone (bwrap run by root makes them 0700)."""
+    size = str(scratch_mb * 2**20)
+    cmd, parents = [], sorted({str(a) for p in _readonly_paths() for a in Path(p).parents if str(a) != "/"}, key=len)
+    for parent in parents if open_parents else []:
+        cmd += ["--perms", "0755", "--dir", parent]
+    for path in _readonly_paths():
+        cmd += ["--ro-bind", path, path]
+    return cmd + ["--proc", "/proc", "--dev", "/dev", "--size", size, "--tmpfs", "/tmp", "--size", size, "--tmpfs", "/scratch",
+                  "--chdir", "/scratch", "--clearenv", "--setenv", "HOME", "/scratch", "--setenv", "PATH", "/usr/bin:/bin",
+                  "--setenv", "PYTHONHASHSEED", "0", "--setenv", "OMP_WAIT_POLICY", "PASSIVE"]
+
+
 def command(job_dir: Path, scratch_mb: int, unsafe: bool) -> list[str]:
     """The command line that runs the worker on a job folder."""
     worker = [sys.executable, "-m", "grading.worker"]
     if unsafe:
         return [*worker, str(job_dir)]
-    size = str(scratch_mb * 2**20)
     cmd = [bwrap(), "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
-           "--uid", NOBODY, "--gid", NOBODY, "--hostname", "sandbox"]
-    for path in _readonly_paths():
-        cmd += ["--ro-bind", path, path]
-    cmd += ["--ro-bind", str(job_dir), "/job", "--proc", "/proc", "--dev", "/dev",
-            "--size", size, "--tmpfs", "/tmp", "--size", size, "--tmpfs", "/scratch", "--chdir", "/scratch",
-            "--clearenv", "--setenv", "HOME", "/scratch", "--setenv", "PATH", "/usr/bin:/bin",
-            "--setenv", "PYTHONHASHSEED", "0", "--setenv", "OMP_WAIT_POLICY", "PASSIVE", "--"]
-    return [*cmd, *worker, "/job"]
+           "--uid", NOBODY, "--gid", NOBODY, "--hostname", "sandbox", "--ro-bind", str(job_dir), "/job"]
+    return [*cmd, *_system_view(scratch_mb), "--", *worker, "/job"]
+
+
+def forking(budget: Budget, unsafe: bool) -> bool:
+    """Whether submissions are forked from a preloaded zygote (`grading.zygote`): it needs root, to
+    make each submission's namespaces and become `nobody`, and a cgroup, to hold the submission."""
+    return not unsafe and bool(bwrap()) and os.geteuid() == 0 and budget.kind.startswith("cgroup")
+
+
+_slot = threading.local()  # this job slot's zygote
+_zygotes: list = []
+_zygotes_lock = threading.Lock()
+
+
+def start_forked(budget: Budget, scratch_mb: int, timeout: float):
+    """A worker forked, in `budget`, from this job slot's zygote (started on first use)."""
+    from . import zygote
+
+    current = getattr(_slot, "zygote", None)
+    if current is None or not current.alive():
+        cmd = [bwrap(), "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
+               "--die-with-parent", "--new-session", "--hostname", "sandbox", *_system_view(scratch_mb, open_parents=True),
+               "--", sys.executable, "-m", "grading.zygote", str(scratch_mb * 2**20)]
+        env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG")}
+        current = _slot.zygote = zygote.Zygote(cmd, env | {"OMP_NUM_THREADS": "1"}, "/", timeout)
+        with _zygotes_lock:
+            _zygotes.append(current)
+    return current.start(budget, timeout)
+
+
+def close_zygotes() -> None:
+    """End every job slot's zygote (end of the batch, Ctrl-C)."""
+    with _zygotes_lock:
+        found, _zygotes[:] = list(_zygotes), []
+    for z in found:
+        z.close()
 
 
 def start(job_dir: Path, budget: Budget, scratch_mb: int, unsafe: bool) -> subprocess.Popen:
@@ -174,10 +227,11 @@ def start(job_dir: Path, budget: Budget, scratch_mb: int, unsafe: bool) -> subpr
 
 def stop(proc: subprocess.Popen, budget: Budget) -> None:
     """Kill the worker and everything it started."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except OSError:
-        pass
+    if isinstance(proc, subprocess.Popen):  # a forked worker's pid is not ours to signal: its budget is
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except OSError:
+            pass
     proc.kill()
     proc.wait()
     budget.remove()

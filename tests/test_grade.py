@@ -365,6 +365,52 @@ print("children", sorted(c.wait() for c in children))
         assert -9 in children, children
 
 
+@pytest.mark.slow
+def test_a_submission_forked_from_the_zygote_is_as_isolated(tmp_path):
+    """The fast path (root, a cgroup): a worker forked from a preloaded zygote. Its notebook's
+    patchify returns what the submission saw; 3 x 0.5 GB of children are asked of a 1 GB budget."""
+    budget = sandbox.Budget(f"course-grade-probe-{os.getpid()}", 2**30)
+    budget.remove()
+    if not sandbox.forking(budget, unsafe=False):
+        pytest.skip("submissions are forked only by a grader run as root with a cgroup budget and bubblewrap")
+    probe = f"""
+import json, os, socket, subprocess, sys
+seen = {{"uid": os.getuid(), "pids": sorted(int(p) for p in os.listdir("/proc") if p.isdigit()),
+        "course": sorted(os.listdir({str(ROOT)!r})), "refused": 0, "network": True,
+        "cap": open("/proc/self/status").read().split("CapBnd:")[1].split()[0]}}
+for path in [{str(ROOT / 'grading' / '__init__.py')!r}, "/etc/hostname", "/scratch/../etc/passwd"]:
+    try:
+        open(path, "a").write("# changed")
+    except OSError:
+        seen["refused"] += 1
+try:
+    open("/scratch/big", "wb").write(b"x" * 80 * 2**20)
+    seen["scratch"] = "not capped"
+except OSError as err:
+    seen["scratch"] = err.strerror
+try:
+    socket.create_connection(("1.1.1.1", 53), timeout=2)
+except OSError:
+    seen["network"] = False
+children = [subprocess.Popen([sys.executable, "-S", "-c", "data = b'x' * 500_000_000; import time; time.sleep(5)"]) for _ in range(3)]
+seen["children"] = sorted(c.wait() for c in children)
+def patchify(*args, **kwargs):
+    return json.dumps(seen)
+"""
+    opts = type("Opts", (), dict(timeout=60, total=300, memory=1, scratch=64, unsafe_no_sandbox=False))()
+    inputs = {name: [] for name in vit.LAB.exercises} | {"patchify": [((torch.zeros(1, 3, 4, 4), 2), {})]}
+    try:
+        report, _ = grade.run_notebook([probe], "01", inputs, opts)
+    finally:
+        sandbox.close_zygotes()
+    seen = json.loads(report["outputs"]["patchify"][0][1])
+    print(seen)
+    assert seen["uid"] == 65534 and seen["pids"] == [1, 2] and not seen["network"] and seen["cap"] == "0000000000000000"
+    assert seen["course"] in (['.venv', 'course_lib', 'grading'], ['course_lib', 'grading'])
+    assert seen["refused"] == 3 and seen["scratch"] == "No space left on device"
+    assert -9 in seen["children"], seen
+
+
 # -------------------------------------------------- the crafted submissions (slow: 36 notebooks)
 
 
@@ -411,7 +457,8 @@ def test_crafted_submissions_get_the_expected_gradebook(crafted):
     assert "the kernel died (signal 9, out of memory?); skipped on a rerun" in feedback["kernel_dies.ipynb"]
     assert "timed out after 5 s" in feedback["infinite_loop.ipynb"] and "ran out of memory" in feedback["memory_hog.ipynb"]
     assert "No space left on device" in feedback["fills_the_disk.ipynb"] or "OSError" in feedback["fills_the_disk.ipynb"]
-    assert "Read-only file system" in feedback["writes_the_course.ipynb"]
+    # read-only mounts (EROFS); a forked submission, the real `nobody`, is refused before that (EACCES)
+    assert "Read-only file system" in feedback["writes_the_course.ipynb"] or "Permission denied" in feedback["writes_the_course.ipynb"]
 
 
 @pytest.mark.notebook
