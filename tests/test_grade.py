@@ -411,6 +411,21 @@ def patchify(*args, **kwargs):
     assert -9 in seen["children"], seen
 
 
+@pytest.mark.slow
+def test_a_fresh_sandbox_per_submission_grades_the_same(tmp_path, monkeypatch):
+    """Where submissions cannot be forked (not root, no cgroup), each gets a fresh sandbox: same rows."""
+    if not sandbox.bwrap():
+        pytest.skip("bubblewrap is not installed: make grade-setup")
+    monkeypatch.setattr(sandbox, "forking", lambda *args: False)
+    names = ["full_solution.ipynb", "kernel_dies.ipynb", "blank_lab.ipynb"]
+    for name in names:
+        (tmp_path / "subs").mkdir(exist_ok=True)
+        (tmp_path / "subs" / name).write_bytes((OUT / name).read_bytes())
+    assert grade.main([str(tmp_path / "subs"), "--out", str(tmp_path / "out"), *GRADE_ARGS]) == 0
+    expected = [row for row in EXPECTED.read_text().splitlines()[1:] if row.split(",")[0] in names]
+    assert (tmp_path / "out" / "gradebook.csv").read_text().splitlines()[1:] == expected
+
+
 # -------------------------------------------------- the crafted submissions (slow: 36 notebooks)
 
 
