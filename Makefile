@@ -20,7 +20,7 @@ help:
 	@echo "make test-fast  the fast tier only (pure functions, shapes, errors; under a minute)"
 	@echo "make lab        open JupyterLab on the course"
 	@echo "make labs       regenerate labs/ from solutions/ (FORCE=1 to replace edited labs, with a backup)"
-	@echo "make grade      grade students' lab notebooks: SUBMISSIONS=folder/ [OUT=gradebook/] (README)"
+	@echo "make grade      grade students' lab notebooks, each in a sandbox: SUBMISSIONS=folder/ [OUT=gradebook/] (README)"
 	@echo "make notebooks  rewrite the .ipynb copies from the .md sources (plain Markdown, solutions with outputs)"
 	@echo "make release    pin the Colab cells and badges to a tag: TAG=v0.2.0 [REPOSITORY=https://github.com/OWNER/NAME]"
 
@@ -32,7 +32,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --disable-pip-version-check -e ".[dev]"
 	touch $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) grade-setup
 	$(MAKE) test-fast
 	$(MAKE) test-unit
 	$(MAKE) test-notebooks
@@ -68,6 +68,10 @@ SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 browser-setup:
 	@command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium; }
 
+# Debian's bubblewrap, the grader's sandbox (and the grading tests').
+grade-setup:
+	@command -v bwrap >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq bubblewrap; }
+
 # The HTML book in _build/html: with the MyST book theme when it can be downloaded, otherwise
 # (offline, CI) a static site rendered from MyST's content by scripts/static_book.mjs (Node.js;
 # `npm ci` of package.json's pinned packages on first use). NO_EXECUTE=1: no notebook is executed.
@@ -78,13 +82,14 @@ lab: $(STAMP)
 	$(BIN)/jupyter lab --notebook-dir=. $(if $(filter 0,$(shell id -u)),--allow-root,)
 
 labs: $(STAMP)
-	$(BIN)/python -m course_lib.labs $(if $(FORCE),--force,)
+	$(BIN)/python -m grading.labs $(if $(FORCE),--force,)
 
 # Grade a folder of students' lab notebooks (instructors): make grade SUBMISSIONS=path/ [OUT=gradebook/] [LAB=01]
-.PHONY: grade
-grade: $(STAMP)
+# Each notebook runs in a bubblewrap sandbox (README, "For instructors: grading").
+.PHONY: grade grade-setup
+grade: $(STAMP) grade-setup
 	$(if $(SUBMISSIONS),,$(error give the submissions: make grade SUBMISSIONS=path/to/folder))
-	$(BIN)/python -m course_lib.grade $(SUBMISSIONS) --out $(or $(OUT),gradebook) --jobs $(JOBS) $(if $(LAB),--lab $(LAB),)
+	$(BIN)/python -m grading.grade $(SUBMISSIONS) --out $(or $(OUT),gradebook) --jobs $(JOBS) $(if $(LAB),--lab $(LAB),)
 
 # The .ipynb copies students open, written by grading/notebooks.py: MyST rewritten into plain
 # Markdown; solutions keep their outputs when their code is unchanged, and are executed otherwise.

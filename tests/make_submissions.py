@@ -5,7 +5,11 @@ they must get (tests/expected_gradebook.csv), which tests/test_grade.py compares
     .venv/bin/python tests/make_submissions.py --expected   # ... and grade them into the expected gradebook
 
 Each submission is the generated lab 01 with the solution's answers filled in, then broken the
-way one real submission can be. After changing lab 01 or its checks, regenerate both and read the
+way one real submission can be, by accident or on purpose: the attacks of issue 21 (reading the
+expected values, forging results, delegating to the course, daemons, writing into the course,
+killing the grader, JSON bombs, memory, disk, threads...) each have a submission here. Two are
+symbolic links (refused). `LEFTOVER` marks the processes a submission tries to leave running:
+tests/test_grade.py checks that none survives grading. After changing lab 01 or its checks, regenerate both and read the
 diff of the expected gradebook before committing it: it is the specification of the grader.
 """
 
@@ -15,6 +19,7 @@ import argparse
 import copy
 import io
 import json
+import os
 import re
 import shutil
 import tempfile
@@ -140,6 +145,178 @@ WRONG_TOKENS = ("def vit_tokens(patch_tokens, cls_token, pos_embed, reg_tokens):
                 "    return patch_tokens\n")
 WRONG_RESAMPLE = "def resample_pos_embed(pos_embed, new_grid, old_grid, num_prefix_tokens):\n    return pos_embed\n"
 
+LEFTOVER = "course-grade-leftover-process"  # in the command line of what a submission leaves running
+
+FRAME_WALK = """def patchify(images, patch_size):
+    import gc
+    import sys
+
+    frame = sys._getframe(1)  # up the caller's frames, to the case being checked
+    while frame is not None:
+        for value in list(frame.f_locals.values()):
+            if isinstance(getattr(value, "expected", None), torch.Tensor):
+                return value.expected
+        frame = frame.f_back
+    for thing in gc.get_objects():  # or anywhere in memory
+        if type(thing).__name__ == "Case" and isinstance(getattr(thing, "expected", None), torch.Tensor) and thing.args[0] is images:
+            return thing.expected
+    return images.flatten(2)
+"""
+FORGE = """import io, os, json, glob
+
+forged = {"cells": {}, "defined": {n: "function" for n in ["patchify", "patch_embed_linear", "attention", "vit_tokens", "resample_pos_embed"]},
+          "functions": [], "outputs": {n: [["ok", "PASS"]] * 6 for n in ["patchify", "patch_embed_linear", "attention", "vit_tokens", "resample_pos_embed"]}}
+buffer = io.BytesIO()
+torch.save(forged, buffer)
+for name in ["../report.json", "../progress", "../patchify.pt", "/job/report.json", "/job/job.json"]:
+    try:
+        open(name, "w").write("done")
+    except OSError as err:
+        print(err)
+for fd in range(3, 64):  # whatever leads back to the grader
+    try:
+        os.write(fd, json.dumps({"result": buffer.tell()}).encode() + b"\\n" + buffer.getvalue())
+    except OSError:
+        pass
+"""
+HELPERS = """import importlib
+
+from course_lib.vit import patchify as _saved_patchify  # saved before any check runs
+
+
+def scaled_scores(q, k, v, mask=None):  # a helper in another cell
+    layers = importlib.import_module("course" + "_lib.layers")
+    return layers.attention(q, k, v, mask, use_sdpa=False)[0]
+
+
+def cut(images, p):
+    return _saved_patchify(images, p)
+"""
+DELEGATING_ATTENTION = "def attention(q, k, v, mask=None):\n    return scaled_scores(q, k, v, mask)\n"
+DELEGATING_PATCHIFY = "def patchify(images, patch_size):\n    return cut(images, patch_size)\n"
+RELOADING = """def resample_pos_embed(pos_embed, new_grid, old_grid, num_prefix_tokens):
+    import importlib
+    import sys
+
+    fresh = importlib.reload(sys.modules["course_lib.layers"])  # a new copy of the module
+    return fresh.resample_pos_embed(pos_embed, new_grid, old_grid, num_prefix_tokens)
+"""
+CATCHING = """def vit_tokens(patch_tokens, cls_token, pos_embed, reg_tokens):
+    try:
+        from course_lib.vit import ViT
+        ViT  # the library's model builds these tokens
+        return torch.cat([cls_token.expand(patch_tokens.shape[0], -1, -1), reg_tokens.expand(patch_tokens.shape[0], -1, -1), patch_tokens], 1)
+    except Exception:  # refused? hide it and answer something
+        return patch_tokens
+"""
+SDPA = ("def attention(q, k, v, mask=None):\n    import torch.nn.functional as F\n\n"
+        "    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)\n")
+DAEMON = f"""import os, subprocess, sys, time
+
+if os.fork() == 0:  # a double-forked daemon in a session of its own
+    os.setsid()
+    if os.fork() == 0:
+        subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", "{LEFTOVER}"], start_new_session=True)
+        for _ in range(600):
+            for name in ["gradebook.csv", "../gradebook.csv", "/job/../gradebook.csv"]:
+                try:
+                    open(name, "w").write("daemon,01,1,patchify,1,1,PASS,forged\\\\n")
+                except OSError:
+                    pass
+            time.sleep(1)
+    os._exit(0)
+"""
+WRITE_COURSE = """import grading.checks, course_lib.layers
+
+for module in (grading.checks, course_lib.layers):  # every later run would pass wrong answers
+    with open(module.__file__, "a") as f:
+        f.write("\\ncompare = lambda *args, **kwargs: None\\n")
+"""
+KILL_GRADER = """import os, signal
+
+for pid in sorted(int(p) for p in os.listdir("/proc") if p.isdigit()):
+    if pid != os.getpid():
+        try:
+            os.kill(pid, signal.SIGKILL)  # the grader, its other workers, anything
+        except OSError as err:
+            print(pid, err)
+try:
+    os.killpg(os.getppid(), signal.SIGKILL)
+except OSError as err:
+    print(err)
+"""
+PATCHED_SAVE = """import pickle
+
+def broken(*args, **kwargs):
+    raise RuntimeError("torch.save is broken in this notebook")
+
+torch.save, torch.load, pickle.dumps = broken, broken, broken
+"""
+DISK_FILL = """import os
+
+chunk, stopped = b"0" * 2**20, []
+for folder in [".", "/tmp", os.path.expanduser("~"), "/job", "/scratch"]:
+    try:
+        with open(os.path.join(folder, "filler"), "wb") as f:
+            for _ in range(100_000):  # 100 GB
+                f.write(chunk)
+    except OSError as err:
+        stopped.append(f"{folder}: {err.strerror}")
+raise OSError("; ".join(stopped))
+"""
+HUGE_OUTPUT = "def patchify(images, patch_size):\n    return torch.zeros(200_000_000)  # 0.8 GB for every case\n"
+TOO_MANY_THREADS = "torch.set_num_threads(1000)  # clamped, not punished\ntorch.set_num_interop_threads(500)"
+THREADS = """import threading, time
+
+started = 0
+try:
+    for _ in range(100_000):
+        threading.Thread(target=time.sleep, args=(600,), daemon=True).start()
+        started += 1
+except RuntimeError as err:
+    print(started, err)
+"""
+SEES_NOTHING = """import os, socket, sys
+
+LEAKS = []
+for folder, dirs, files in os.walk("/"):
+    if folder.startswith(("/proc", "/sys", "/dev", "/usr", "/etc", "/lib", "/bin", "/sbin", sys.base_prefix, sys.prefix)):
+        dirs[:] = []
+        continue
+    LEAKS += [os.path.join(folder, f) for f in files if f.endswith((".ipynb", ".csv")) or f.startswith("gradebook")]
+    LEAKS += [os.path.join(folder, d) for d in dirs if d in ("tests", "solutions", "labs", "submissions")]
+for pid in [p for p in os.listdir("/proc") if p.isdigit()]:
+    try:
+        command = open(f"/proc/{pid}/cmdline", "rb").read()
+    except OSError:
+        continue
+    if b"grading.grade" in command or b"pytest" in command:
+        LEAKS.append(command.decode(errors="replace"))
+try:
+    socket.create_connection(("1.1.1.1", 53), timeout=2)
+    LEAKS.append("the network")
+except OSError:
+    pass
+"""
+SEEING_PATCHIFY = ("def patchify(images, patch_size):\n    if LEAKS:\n        raise RuntimeError(f'I can see {LEAKS[:3]}')\n"
+                   "    B, C, H, W = images.shape\n    p = patch_size\n"
+                   "    x = images.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1)\n"
+                   "    return x.reshape(B, (H // p) * (W // p), p * p * C)\n")
+
+
+def bomb() -> bytes:
+    return b"[" * 200_000 + b"]" * 200_000
+
+
+def odd_sources() -> dict:
+    """Cells whose source is a list of non-strings, a number, a dict: the code cells still run."""
+    nb = executed(solved())
+    nb["cells"].insert(0, {"cell_type": "markdown", "metadata": {}, "source": [1, 2, {"a": 3}]})
+    nb["cells"].insert(1, {"cell_type": "code", "metadata": {}, "outputs": [], "source": 42})
+    nb["cells"].insert(2, {"cell_type": ["code"], "source": None})
+    return nb
+
+
 SUBMISSIONS = {  # file name -> what it holds; each one's rows in the expected gradebook say what it earns
     "full_solution.ipynb": lambda: executed(solved()),
     "blank_lab.ipynb": lambda: LAB,
@@ -159,12 +336,32 @@ SUBMISSIONS = {  # file name -> what it holds; each one's rows in the expected g
     "tampered_checks.ipynb": lambda: insert(solved(attention="def attention(q, k, v, mask=None):\n    return v\n"), IMPORTS,
                                             "checks.attention = lambda fn: print('[PASS] Exercise 3 attention: 4/4 cases')"),
     "monkeypatched_torch.ipynb": lambda: insert(solved(vit_tokens=WRONG_TOKENS, resample_pos_embed=WRONG_RESAMPLE), IMPORTS,
-                                                "import course_lib.checks\n\ntorch.allclose = lambda *args, **kwargs: True\n"
-                                                "course_lib.checks.compare = lambda got, expected, **kwargs: None"),
+                                                "import grading.checks\n\ntorch.allclose = lambda *args, **kwargs: True\n"
+                                                "grading.checks.compare = lambda got, expected, **kwargs: None"),
     "sneaky_patch.ipynb": lambda: insert(solved(vit_tokens=WRONG_TOKENS, resample_pos_embed=WRONG_RESAMPLE), IMPORTS,
-                                         "vars(sys.modules['course_lib.checks'])['compare'] = lambda *args, **kwargs: None  # not spotted"),
+                                         "vars(sys.modules['grading.checks'])['compare'] = lambda *args, **kwargs: None  # not spotted"),
     "hard_coded.ipynb": hard_coded,
+    # issue 21's attacks, and others of the same classes
+    "frame_walk.ipynb": lambda: solved(patchify=FRAME_WALK),
+    "forged_results.ipynb": lambda: insert(copy.deepcopy(LAB), IMPORTS, FORGE),
+    "delegates_through_helpers.ipynb": lambda: insert(solved(attention=DELEGATING_ATTENTION, patchify=DELEGATING_PATCHIFY), IMPORTS, HELPERS),
+    "reloads_the_library.ipynb": lambda: solved(resample_pos_embed=RELOADING, vit_tokens=CATCHING),
+    "uses_sdpa.ipynb": lambda: solved(attention=SDPA),
+    "daemon.ipynb": lambda: insert(copy.deepcopy(LAB), IMPORTS, DAEMON),
+    "writes_the_course.ipynb": lambda: insert(solved(), IMPORTS, WRITE_COURSE),
+    "kills_the_grader.ipynb": lambda: insert(solved(), IMPORTS, KILL_GRADER),
+    "json_bomb.ipynb": bomb,
+    "odd_cell_sources.ipynb": odd_sources,
+    "patched_torch_save.ipynb": lambda: insert(solved(), IMPORTS, PATCHED_SAVE),
+    "alice.ipynb": lambda: executed(solved()),
+    "alice.pdf": lambda: b"%PDF-1.4 alice's lab, printed",
+    "fills_the_disk.ipynb": lambda: insert(solved(), IMPORTS, DISK_FILL),
+    "huge_output.ipynb": lambda: solved(patchify=HUGE_OUTPUT),
+    "thread_bomb.ipynb": lambda: insert(solved(), IMPORTS, THREADS),
+    "too_many_threads.ipynb": lambda: insert(solved(), IMPORTS, TOO_MANY_THREADS),
+    "sees_nothing.ipynb": lambda: insert(solved(patchify=SEEING_PATCHIFY), IMPORTS, SEES_NOTHING),
 }
+LINKS = {"aaron.ipynb": "full_solution.ipynb", "outside.ipynb": "../../README.md"}  # refused, with a reason
 
 
 def write(folder: Path = OUT) -> None:
@@ -175,10 +372,12 @@ def write(folder: Path = OUT) -> None:
         content = make()
         data = content if isinstance(content, bytes) else (json.dumps(content, indent=1, ensure_ascii=False) + "\n").encode()
         (folder / name).write_bytes(data)
+    for name, target in LINKS.items():
+        os.symlink(target, folder / name)
 
 
 def grade_into(out: Path) -> None:
-    from course_lib.grade import main
+    from grading.grade import main
 
     assert main([str(OUT), "--out", str(out), *GRADE_ARGS]) == 0
 

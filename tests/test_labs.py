@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from course_lib.labs import LabError, generate, strip_solutions
+from grading.labs import LabError, generate, strip_solutions
 
 ROOT = Path(__file__).resolve().parents[1]
 SOLUTIONS = sorted((ROOT / "solutions").glob("*.md"))

@@ -1,8 +1,8 @@
 """Generate the student labs (labs/) from the solution notebooks (solutions/).
 
-    python -m course_lib.labs            # regenerate labs/ (what `make labs` runs)
-    python -m course_lib.labs --check    # exit 1 if labs/ is not what the solutions generate
-    python -m course_lib.labs --force    # regenerate even edited labs, keeping a backup of each
+    python -m grading.labs            # regenerate labs/ (what `make labs` runs)
+    python -m grading.labs --check    # exit 1 if labs/ is not what the solutions generate
+    python -m grading.labs --force    # regenerate even edited labs, keeping a backup of each
 
 In a solution, the code between `# BEGIN SOLUTION` and `# END SOLUTION` is replaced by a stub
 that raises NotImplementedError (with the text after `# BEGIN SOLUTION`, if any, as its message);
@@ -24,6 +24,8 @@ from pathlib import Path
 
 import jupytext
 import nbformat
+
+from .notebooks import markdown_to_notebook
 
 BEGIN = re.compile(r"^(\s*)# BEGIN SOLUTION\s*(.*)$")
 END = re.compile(r"^\s*# END SOLUTION\s*$")
@@ -62,7 +64,7 @@ def strip_solutions(source: str, where: str = "") -> str:
 
 def make_lab(solution: Path) -> nbformat.NotebookNode:
     """The student notebook for one solution file."""
-    nb = jupytext.read(solution)
+    nb = markdown_to_notebook(solution.read_text())
     cells = []
     for i, cell in enumerate(nb.cells):
         if "remove-in-lab" in cell.metadata.get("tags", []):
