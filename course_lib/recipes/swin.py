@@ -35,11 +35,11 @@ VIT_CONFIG = ViTConfig(image_size=32, patch_size=2, num_classes=len(data.SHAPES)
 class Setting:
     """What one training run uses: data sizes and `fit`'s arguments."""
 
-    train_images: int = 2000
-    test_images: int = 1000
+    train_images: int = 1500
+    test_images: int = 500
     max_objects: int = 1
-    epochs: int = 12
-    batch_size: int = 64
+    epochs: int = 8
+    batch_size: int = 32
     lr: float = 2e-3
     weight_decay: float = 0.05
     warmup: float = 0.1
