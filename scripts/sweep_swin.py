@@ -52,11 +52,11 @@ def run_classifiers(names: list[str], seeds: list[int], setting: recipe.Setting,
     return results
 
 
-def run_deep_stacks(seeds: list[int], setting: recipe.Setting, train, test) -> dict:
+def run_deep_stacks(seeds: list[int], setting: recipe.Setting, train, test, norms: list[str]) -> dict:
     """Pre-norm and res-post-norm deep stacks: amplitude per block before and after training."""
     probe = test[0][:256]
     results = {}
-    for post_norm in (False, True):
+    for post_norm in (norm == "res-post-norm" for norm in norms):
         rows = []
         for seed in seeds:
             seed_everything(seed)
@@ -80,6 +80,8 @@ def main() -> None:
     p.add_argument("--deep-seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--names", nargs="*", default=["ViT", *recipe.VARIANTS], help="models to train (default: all)")
     p.add_argument("--no-deep", action="store_true", help="skip the deep stacks")
+    p.add_argument("--norms", nargs="+", default=["pre-norm", "res-post-norm"], choices=["pre-norm", "res-post-norm"],
+                   help="which deep stacks to train")
     p.add_argument("--merge", type=Path, nargs="+", help="merge the results files of separate runs into --out")
     p.add_argument("--smoke", action="store_true", help="tiny data and one epoch: checks the code path only")
     p.add_argument("--out", type=Path, default=recipe.RESULTS)
@@ -102,7 +104,7 @@ def main() -> None:
         "seeds": args.seeds,
         "classifiers": run_classifiers(args.names, args.seeds, setting, train, test,
                                        None if args.smoke else args.checkpoint),
-        "deep_stacks": {} if args.no_deep else run_deep_stacks(args.deep_seeds, setting, train, test),
+        "deep_stacks": {} if args.no_deep else run_deep_stacks(args.deep_seeds, setting, train, test, args.norms),
         "cpu_minutes": round((time.process_time() - start) / 60, 1),
     }
     write(results, args.out)

@@ -112,3 +112,13 @@ def test_results_hold_every_point_with_three_seeds(results):
     assert all(len(rows) == 3 for rows in results["classifiers"].values())
     assert all(len(rows) >= 2 for rows in results["deep_stacks"].values())
     assert recipe.Setting(**results["setting"]) == recipe.SETTING  # the lecture re-runs with these settings
+
+
+@pytest.mark.slow
+def test_shipped_checkpoint_is_the_seed_0_swin_of_the_results(results):
+    model, meta = load_checkpoint("swin_scenes.safetensors", Swin, SwinConfig)
+    _, test = recipe.load_data(recipe.Setting(**results["setting"]))
+    stored = results["classifiers"]["shifted windows, rel. pos."][0]
+    assert stored["seed"] == 0 and abs(float(meta["test_accuracy"]) - stored["test_acc"]) < 1e-4
+    assert abs(evaluate(model, test) - stored["test_acc"]) <= 1 / len(test[1])  # at most one image differs
+    assert (CHECKPOINTS / "swin_scenes.safetensors").stat().st_size < 2e6
