@@ -1,6 +1,6 @@
 """Train lecture 02's small models with several seeds and write the results file it loads.
 
-    python scripts/sweep_swin.py                  # the shipped results (about 30 min of one CPU core)
+    python scripts/sweep_swin.py                  # all points (about 10 min of one CPU core at the default setting)
     python scripts/sweep_swin.py --smoke --out /tmp/sweep.json   # a few seconds: the code path only
 
 On a shared machine the points can run as separate processes and be merged afterwards:

@@ -3,8 +3,13 @@ of Swin's Table 4 (shifted windows and relative position bias switched off one a
 Swin V2's activation-amplitude argument for residual post-norm (V2 section 3.1, Figure 2).
 
 `scripts/sweep_swin.py` trains every point with several seeds and writes
-`course_lib/checkpoints/swin_sweep.json`; lecture 02 loads that file and re-runs one point live
-with `train_point`, so the notebook and the script share every setting below.
+`course_lib/checkpoints/swin_sweep.json`; the plan is for lecture 02 to load that file and re-run
+one point live with `train_point`, so that the notebook and the script share every setting below.
+
+Measured (3 seeds, 2026-11-29): with `SETTING` below (375 steps of batch 32) every Swin variant
+and both deep stacks stay at chance (train accuracy about 21 %, the three Table 4 rows identical to
+three decimals): the models have not started learning, so nothing can be read from them. A
+longer schedule, checked first with a pilot that prints the training loss, is needed.
 """
 
 from __future__ import annotations
