@@ -8,8 +8,12 @@ one point live with `train_point`, so that the notebook and the script share eve
 
 Measured (3 seeds, 2026-11-29): with `SETTING` below (375 steps of batch 32) every Swin variant
 and both deep stacks stay at chance (train accuracy about 21 %, the three Table 4 rows identical to
-three decimals): the models have not started learning, so nothing can be read from them. A
-longer schedule, checked first with a pilot that prints the training loss, is needed.
+three decimals): the models have not started learning, so nothing can be read from them. A pilot
+of the full Swin (seed 0, same data, 30 epochs = 1,410 steps) shows a long plateau: the training
+loss stays at ln 5 = 1.609 for ~800 steps with lr 2e-3 or 5e-4 alike, and after 1,410 steps it is
+1.51, test accuracy 32.2 % (lr 2e-3) / 32.4 % (lr 5e-4), train 31 % / 30 %. So the schedule must
+be far longer, or the plateau's cause (not the learning rate) found, before the sweep can show
+Table 4's effects.
 """
 
 from __future__ import annotations
