@@ -1,20 +1,14 @@
-"""DINO: self-distillation with no labels (Caron et al., 2021), with the additions of DINOv2
-(Oquab et al., 2024) and DINOv3 (Simeoni et al., 2025).
+"""DINO: self-distillation with no labels (Caron et al., 2021), with DINOv2's and DINOv3's additions.
 
-A student network learns to match the output distribution of a teacher network over K
-"prototypes". Both see different random crops of the same image; the teacher sees only the large
-(global) crops, the student sees those and several small (local) ones, so it must infer the whole
-from a part. Nothing is labelled. The teacher is not trained: it is an exponential moving average
-(EMA) of the student. Two operations on the teacher's output keep the pair from collapsing to a
-constant: centering (subtract a running mean, so no prototype dominates) and sharpening (a low
-temperature tau_t, so the output is not uniform).
-
-DINOv2 adds a masked-patch loss (iBOT) on patch tokens with its own head, the KoLeo regulariser
-that spreads features over the sphere, and Sinkhorn-Knopp centering. DINOv3 adds Gram anchoring:
-the similarity structure between patches is pinned to that of an earlier teacher.
-
-The backbone is course_lib's ViT (with optional registers); `DINO.from_hf` loads transformers'
-Dinov2Model / Dinov2WithRegistersModel, mask token included.
+A student network learns to match a teacher's output distribution over K "prototypes". The teacher
+sees the large (global) crops of an image, the student those and several small (local) ones, so it
+must infer the whole from a part. The teacher is an exponential moving average (EMA) of the
+student. Centering (subtract a running mean: no prototype dominates) and sharpening (a low
+temperature tau_t: the output is not uniform) keep the pair from collapsing to a constant.
+DINOv2 (Oquab et al., 2024) adds iBOT's masked-patch loss, the KoLeo regulariser and Sinkhorn-Knopp
+centering; DINOv3 (Simeoni et al., 2025) adds Gram anchoring. The backbone is course_lib's ViT;
+`DINO.from_hf` loads transformers' Dinov2Model / Dinov2WithRegistersModel, mask token included.
+The training recipe (multi-crop, the steps for `fit`, kNN evaluation) is `course_lib.recipes.dino`.
 """
 
 from __future__ import annotations
@@ -85,10 +79,8 @@ def _stack_views(out: Views, who: str) -> torch.Tensor:
 
 
 def teacher_probs(teacher_out: torch.Tensor, center: torch.Tensor, tau_t: float) -> torch.Tensor:
-    """Centered and sharpened teacher distribution softmax((t - c) / tau_t), with no gradient.
-
-    teacher_out: (..., K) logits, center: (K,). Returns (..., K) probabilities.
-    """
+    """Centered, sharpened teacher distribution softmax((t - c) / tau_t), with no gradient:
+    (..., K) logits and a (K,) center -> (..., K) probabilities."""
     _check_positive(tau_t=tau_t)
     if center.shape != teacher_out.shape[-1:]:
         raise ValueError(f"center has shape {tuple(center.shape)}, expected ({teacher_out.shape[-1]},): one entry per prototype")
@@ -96,12 +88,9 @@ def teacher_probs(teacher_out: torch.Tensor, center: torch.Tensor, tau_t: float)
 
 
 def multicrop_cross_entropy(student_out: Views, teacher_p: torch.Tensor, tau_s: float) -> torch.Tensor:
-    """Mean cross-entropy H(P_t, P_s) over all pairs of different views.
-
-    student_out: (V_s, B, K) logits, the V_t global crops first; teacher_p: (V_t, B, K) target
-    probabilities (already centered and sharpened). Pair (i, j) compares teacher view i with
-    student view j; pairs with i == j are skipped. Returns the mean over the batch and the pairs.
-    """
+    """Mean cross-entropy H(P_t, P_s) over all pairs of different views. student_out: (V_s, B, K)
+    logits, the V_t global crops first; teacher_p: (V_t, B, K) targets (centered and sharpened).
+    Pair (i, j) compares teacher view i with student view j; pairs with i == j are skipped."""
     _check_positive(tau_s=tau_s)
     s = _stack_views(student_out, "student")
     t = _stack_views(teacher_p, "teacher")
@@ -136,11 +125,8 @@ def dino_loss(student_out: Views, teacher_out: Views, center: torch.Tensor, tau_
 
 @torch.no_grad()
 def update_center(center: torch.Tensor, teacher_out: torch.Tensor, momentum: float = 0.9) -> torch.Tensor:
-    """C <- m C + (1 - m) mean(teacher logits) (DINO eq. 4). Returns the new center (K,).
-
-    teacher_out: (..., K), all global views of the batch; the mean is over every row and,
-    when training on several processes, over all of them.
-    """
+    """C <- m C + (1 - m) mean(teacher logits) (DINO eq. 4): the new center (K,). teacher_out:
+    (..., K), all global views of the batch; the mean is over every row and every process."""
     _check_unit(momentum=momentum)
     if center.shape != teacher_out.shape[-1:]:
         raise ValueError(f"center has shape {tuple(center.shape)}, teacher logits {tuple(teacher_out.shape)}: one center entry per prototype")
@@ -150,11 +136,9 @@ def update_center(center: torch.Tensor, teacher_out: torch.Tensor, momentum: flo
 
 @torch.no_grad()
 def sinkhorn_knopp(teacher_out: torch.Tensor, tau_t: float, n_iters: int = 3) -> torch.Tensor:
-    """DINOv2's centering (SwAV, Caron et al., 2020): (B, K) logits -> (B, K) probabilities.
-
-    Alternately normalises the prototypes (columns) to equal mass and the samples (rows) to sum
-    to one, `n_iters` times (DINOv2 uses 3). Rows of the result sum to 1.
-    """
+    """DINOv2's centering (SwAV, Caron et al., 2020): (B, K) logits -> (B, K) probabilities whose
+    rows sum to 1. Alternately gives every prototype (column) equal mass and every sample (row)
+    mass one, `n_iters` times (DINOv2 uses 3)."""
     if teacher_out.ndim != 2:
         raise ValueError(f"sinkhorn_knopp expects (B, K) logits, got shape {tuple(teacher_out.shape)}: flatten the views into the batch")
     _check_positive(tau_t=tau_t, n_iters=n_iters)
@@ -200,10 +184,8 @@ def teacher_temperature(step: int, warmup_steps: int, start: float = 0.04, end: 
 
 @torch.no_grad()
 def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
-    """theta_t <- m theta_t + (1 - m) theta_s for every parameter, in place (DINO section 3.1).
-
-    Buffers (if any) are copied from the student. The two modules must have the same parameters.
-    """
+    """theta_t <- m theta_t + (1 - m) theta_s for every parameter, in place (DINO section 3.1);
+    buffers are copied from the student. The two modules must have the same parameters."""
     _check_unit(momentum=momentum)
     t_params, s_params = dict(teacher.named_parameters()), dict(student.named_parameters())
     if t_params.keys() != s_params.keys():
@@ -239,12 +221,9 @@ def masked_cross_entropy(student_patch_out: torch.Tensor, teacher_p: torch.Tenso
 def ibot_patch_loss(student_patch_out: torch.Tensor, teacher_patch_out: torch.Tensor, mask: torch.Tensor, center: torch.Tensor,
                     tau_s: float = 0.1, tau_t: float = 0.04) -> torch.Tensor:
     """iBOT's masked-patch loss as in DINOv2 (Zhou et al., 2022; Oquab et al., 2024, sec. 4).
-
-    student_patch_out: (B, N, K) logits of the student's patch tokens, computed on the image with
-    the masked patches replaced by a mask token. teacher_patch_out: (B, N, K) logits of the
-    teacher on the unmasked image. mask: (B, N) bool, True = masked for the student.
-    center: (K,) running mean of the teacher's patch logits (its own, not the CLS center).
-    """
+    student_patch_out: (B, N, K) logits of the student's patch tokens on the image with the masked
+    patches replaced by a mask token; teacher_patch_out: (B, N, K), the teacher's on the unmasked
+    image; mask: (B, N) bool, True = masked; center: (K,), the patch logits' own running mean."""
     return masked_cross_entropy(student_patch_out, teacher_probs(teacher_patch_out, center, tau_t), mask, tau_s)
 
 
@@ -323,12 +302,9 @@ class DINOHead(nn.Module):
 
 
 def masked_forward_features(backbone: ViT, images: torch.Tensor, mask: torch.Tensor | None = None, mask_token: torch.Tensor | None = None) -> torch.Tensor:
-    """Backbone tokens (B, prefix + registers + N, D) with the masked patches replaced.
-
-    As in iBOT and DINOv2 (and transformers' `bool_masked_pos`), a masked patch's embedding is
-    replaced by the learned `mask_token` (1, 1, D) *before* its position embedding is added.
-    mask: (B, N) bool, True = masked.
-    """
+    """Backbone tokens (B, prefix + registers + N, D) with the masked patches replaced: as in iBOT,
+    DINOv2 and transformers' `bool_masked_pos`, a masked patch's embedding (mask (B, N), True =
+    masked) becomes the learned `mask_token` (1, 1, D) *before* its position embedding is added."""
     if mask is None:
         return backbone.forward_features(images)
     if mask_token is None:
@@ -457,27 +433,22 @@ class DINO(nn.Module):
         if len(views) > c.n_global:  # local crops share one size: one forward pass for all of them
             s_cls.append(self.student.backbone.pool(self.student.backbone.forward_features(torch.cat(list(views[c.n_global :])))))
         s_logits = self.student.head(torch.cat(s_cls)).reshape(len(views), B, -1)  # (V_s, B, K)
-        loss_dino = multicrop_cross_entropy(s_logits, p_t, c.tau_s)
-        total, stats = loss_dino, {"dino": loss_dino.item()}
+        terms = {"dino": (1.0, multicrop_cross_entropy(s_logits, p_t, c.tau_s))}  # name: (weight, loss)
         if c.ibot_weight > 0:
             with torch.no_grad():
                 t_patch = self.teacher.ibot_head(t_tokens[:, skip:])  # (n_global*B, N, K)
                 p_patch = self._teacher_targets(t_patch, self.patch_center, tau_t)
-            loss_ibot = masked_cross_entropy(self.student.ibot_head(s_tokens[:, skip:]), p_patch, mask, c.tau_s)
-            total = total + c.ibot_weight * loss_ibot
-            stats["ibot"] = loss_ibot.item()
+            terms["ibot"] = c.ibot_weight, masked_cross_entropy(self.student.ibot_head(s_tokens[:, skip:]), p_patch, mask, c.tau_s)
             self.patch_center.copy_(update_center(self.patch_center, t_patch[mask], c.center_momentum))
         if c.koleo_weight > 0:  # on the student's CLS features, per global view (DINOv2)
-            loss_koleo = torch.stack([koleo_loss(x) for x in s_cls[0].split(B)]).mean()
-            total = total + c.koleo_weight * loss_koleo
-            stats["koleo"] = loss_koleo.item()
+            terms["koleo"] = c.koleo_weight, torch.stack([koleo_loss(x) for x in s_cls[0].split(B)]).mean()
         if c.gram_weight > 0:  # on the patch features of the global crops (DINOv3)
             with torch.no_grad():
                 g_tokens = self.gram_teacher.forward_features(globals_)
-            loss_gram = gram_loss(s_tokens[:, skip:], g_tokens[:, skip:])
-            total = total + c.gram_weight * loss_gram
-            stats["gram"] = loss_gram.item()
+            terms["gram"] = c.gram_weight, gram_loss(s_tokens[:, skip:], g_tokens[:, skip:])
         self.center.copy_(update_center(self.center, t_logits, c.center_momentum))
+        total = sum(w * loss for w, loss in terms.values())
+        stats = {name: loss.item() for name, (_, loss) in terms.items()}
         stats["teacher_entropy"] = entropy(p_t).mean().item()  # per image: 0 when one-hot
         stats["marginal_entropy"] = entropy(p_t.reshape(-1, p_t.shape[-1]).mean(0)).item()  # of the batch mean
         stats["kl"] = stats["dino"] - stats["teacher_entropy"]  # H(P_t, P_s) = H(P_t) + KL(P_t || P_s)
