@@ -365,6 +365,7 @@ def test_fit_with_a_fixed_teacher_lowers_the_loss():
     assert model.center.abs().sum() > 0
 
 
+@pytest.mark.slow
 def test_student_learns_the_teacher_through_the_loss_alone():
     """Wiring: with a frozen teacher (no EMA) and two identical views, the student's gradient
     must pull its distribution onto the teacher's: the KL term falls, the teacher does not move,
@@ -498,6 +499,7 @@ BAD_INPUTS = [
     (lambda: augment.crop_resize(torch.rand(2, 3, 8, 8), torch.zeros(3, 4), 4), r"boxes must be \(2, 4\)"),
     (lambda: augment.crop_resize(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), torch.zeros(2, 4), 4), "divide uint8 images by 255"),
     (lambda: augment.luminance(torch.rand(2, 1, 8, 8)), r"\(B, 3, H, W\)"),
+    (lambda: augment.adjust_colors(torch.rand(2, 3, 8, 8), torch.ones(2), torch.ones(3), torch.ones(2)), "contrast needs one factor per image"),
     (lambda: augment.color_jitter(torch.rand(2, 3, 8, 8), strength=1.5), "strength and p_gray"),
     (lambda: augment.multi_crop(torch.rand(2, 3, 8, 8), 2, -1), "n_local must be >= 0"),
     (lambda: DINOSteps(torch.nn.Linear(2, 2)), "course_lib.dino.DINO"),

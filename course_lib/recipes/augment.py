@@ -74,6 +74,10 @@ def adjust_colors(images: torch.Tensor, brightness: torch.Tensor, contrast: torc
     the mean gray level, the image's own grayscale) and clamps to [0, 1]. Saturation therefore
     leaves the luminance of the image it receives unchanged.
     """
+    _check_images(images, "adjust_colors", channels=3)
+    for name, f in (("brightness", brightness), ("contrast", contrast), ("saturation", saturation)):
+        if f.shape != images.shape[:1]:
+            raise ValueError(f"{name} needs one factor per image, shape ({images.shape[0]},), got {tuple(f.shape)}")
     b, c, s = (f.reshape(-1, 1, 1, 1).to(images) for f in (brightness, contrast, saturation))
     x = (images * b).clamp(0, 1)
     mean = luminance(x).mean(dim=(1, 2, 3), keepdim=True)  # (B, 1, 1, 1)
