@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .hf import load_hf_checkpoint
+from .utils import freeze
 from .vit import ViT, ViTConfig
 
 
@@ -376,9 +377,9 @@ class DINO(nn.Module):
         if c.ibot_weight > 0:
             heads["ibot_head"] = DINOHead(D, c.out_dim, c.hidden_dim, c.bottleneck_dim, c.head_layers)
         self.student = nn.ModuleDict(heads)
-        self.teacher = copy.deepcopy(self.student).requires_grad_(False)
+        self.teacher = freeze(copy.deepcopy(self.student))  # no gradient, so no optimizer step and no weight decay
         self.mask_token = nn.Parameter(torch.zeros(1, 1, D)) if c.ibot_weight > 0 else None
-        self.gram_teacher = copy.deepcopy(backbone).requires_grad_(False) if c.gram_weight > 0 else None
+        self.gram_teacher = freeze(copy.deepcopy(backbone)) if c.gram_weight > 0 else None
         self.register_buffer("center", torch.zeros(c.out_dim))
         self.register_buffer("patch_center", torch.zeros(c.out_dim))
 

@@ -118,7 +118,7 @@ def test_sinkhorn_knopp_balances_prototypes():
     assert torch.allclose(q.sum(0), torch.full((8,), 64 / 8), rtol=0.01)  # converged: equal mass
 
 
-def test_center_and_sinkhorn_reduce_over_one_process_only():
+def test_center_reduces_over_one_process_only():
     """Without torch.distributed the cross-process reductions are skipped: the center moves to
     this batch's mean, and the guard reports one process."""
     assert not torch.distributed.is_initialized() and dino._process_count() == 1
@@ -648,3 +648,34 @@ def test_shipped_checkpoint_knn_matches_its_metadata_and_beats_a_random_encoder(
         assert v == pytest.approx(recorded[a][-1], abs=0.005), f"{name} {a}: measured {v:.3f}, the script recorded {recorded[a][-1]:.3f}"
     assert acc["random"]["color"] == pytest.approx(recorded["color"][0], abs=0.005)  # step 0 is this random initialisation
     assert acc["trained"]["color"] > acc["random"]["color"] + 0.1
+
+
+def _two_process_worker(rank: int, port: int, teacher_out: torch.Tensor, results) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        mine = teacher_out[rank * 4 : (rank + 1) * 4]  # each process holds half of the batch
+        results[rank] = (dino.update_center(torch.zeros(6), mine, 0.5), dino.sinkhorn_knopp(mine, 0.1))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_center_and_sinkhorn_reduce_over_processes():
+    """On two processes (gloo, CPU) each holding half a batch, the center is the one of the whole
+    batch, and Sinkhorn-Knopp gives each process its rows of the whole batch's assignment."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    teacher_out = torch.randn(8, 6)
+    results = mp.Manager().dict()
+    mp.spawn(_two_process_worker, args=(port, teacher_out, results), nprocs=2)
+    whole_center, whole_q = dino.update_center(torch.zeros(6), teacher_out, 0.5), dino.sinkhorn_knopp(teacher_out, 0.1)
+    for rank in range(2):
+        center, q = results[rank]
+        assert torch.allclose(center, whole_center, atol=1e-6)
+        assert torch.allclose(q, whole_q[rank * 4 : (rank + 1) * 4], atol=1e-5)
+    assert not torch.allclose(whole_q[:4], dino.sinkhorn_knopp(teacher_out[:4], 0.1), atol=1e-3)  # half a batch alone differs
