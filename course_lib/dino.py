@@ -346,6 +346,8 @@ class DINOConfig:
     global_scale: tuple[float, float] = (0.4, 1.0)
     local_scale: tuple[float, float] = (0.05, 0.4)
     jitter: float = 0.4
+    permute_channels: bool = False  # every view gets its own order of the RGB channels (a coarse hue jitter)
+    keep_object: bool = False  # every crop contains the object's centre (given with the batch)
     ibot_weight: float = 0.0  # DINOv2: masked-patch loss with its own (untied) head
     mask_ratio: tuple[float, float] = (0.1, 0.5)
     koleo_weight: float = 0.0  # DINOv2: 0.1

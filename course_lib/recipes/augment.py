@@ -1,5 +1,7 @@
 """Image augmentations on whole batches, written with torch alone (no torchvision): the random
-resized crop, a horizontal flip, colour jitter and DINO's multi-crop (Caron et al., 2021).
+resized crop (optionally keeping a given point, such as the object's centre, inside the box), a
+horizontal flip, colour jitter, a random permutation of the colour channels (a coarse hue change)
+and DINO's multi-crop (Caron et al., 2021).
 
 Boxes are in the [-1, 1] coordinates of `torch.nn.functional.affine_grid`: the full image is the
 box (cx, cy, w, h) = (0, 0, 2, 2).
@@ -26,18 +28,35 @@ def _check_scale(name: str, scale: tuple[float, float]) -> None:
         raise ValueError(f"{name} must be (low, high) with 0 < low <= high <= 1 (fractions of the image area), got {scale}")
 
 
-def crop_boxes(n: int, scale: tuple[float, float], ratio: tuple[float, float] = (3 / 4, 4 / 3), generator: torch.Generator | None = None) -> torch.Tensor:
+def crop_boxes(
+    n: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    generator: torch.Generator | None = None,
+    keep: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Random boxes for RandomResizedCrop: (n, 4) rows (cx, cy, w, h) in [-1, 1] image coordinates,
-    w * h / 4 = a fraction of the area drawn uniformly from `scale`, aspect ratio log-uniform."""
+    w * h / 4 = a fraction of the area drawn uniformly from `scale`, aspect ratio log-uniform.
+
+    keep: (n, 2) points (x, y) in [-1, 1]; box i is then placed at random among the positions
+    that contain point i (for example the object's centre, so no crop is background only)."""
     _check_scale("scale", scale)
+    if keep is not None and (keep.shape != (n, 2) or keep.abs().max() > 1):
+        raise ValueError(f"keep must be ({n}, 2) points (x, y) inside the image, in [-1, 1], got shape {tuple(keep.shape)}")
     if not 0 < ratio[0] <= ratio[1]:
         raise ValueError(f"ratio must be (low, high) aspect ratios with 0 < low <= high, got {ratio}")
     area = torch.empty(n).uniform_(*scale, generator=generator)
     log_r = torch.empty(n).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
     w = (area * log_r.exp()).sqrt().clamp(max=1.0) * 2  # widths in [-1, 1] units (full image = 2)
     h = (area / log_r.exp()).sqrt().clamp(max=1.0) * 2
-    cx = (torch.rand(n, generator=generator) * 2 - 1) * (1 - w / 2)
-    cy = (torch.rand(n, generator=generator) * 2 - 1) * (1 - h / 2)
+    if keep is None:
+        cx = (torch.rand(n, generator=generator) * 2 - 1) * (1 - w / 2)
+        cy = (torch.rand(n, generator=generator) * 2 - 1) * (1 - h / 2)
+    else:  # the centre lies within half a box of the point, and the box inside the image
+        lo_x, hi_x = torch.maximum(keep[:, 0] - w / 2, w / 2 - 1), torch.minimum(keep[:, 0] + w / 2, 1 - w / 2)
+        lo_y, hi_y = torch.maximum(keep[:, 1] - h / 2, h / 2 - 1), torch.minimum(keep[:, 1] + h / 2, 1 - h / 2)
+        cx = lo_x + torch.rand(n, generator=generator) * (hi_x - lo_x)
+        cy = lo_y + torch.rand(n, generator=generator) * (hi_y - lo_y)
     return torch.stack([cx, cy, w, h], dim=1)
 
 
@@ -100,6 +119,14 @@ def color_jitter(images: torch.Tensor, strength: float = 0.4, p_gray: float = 0.
     return x * (1 - to_gray) + luminance(x) * to_gray
 
 
+def permute_channels(images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Each image's colour channels in a random order of the six (RGB, RBG, GRB, ...): a coarse
+    hue change that turns red into green or blue while keeping shapes and brightness pattern."""
+    _check_images(images, "permute_channels", channels=3)
+    order = torch.rand(images.shape[0], 3, generator=generator).argsort(dim=1)  # (B, 3), uniform over permutations
+    return images.gather(1, order[:, :, None, None].expand_as(images))
+
+
 def multi_crop(
     images: torch.Tensor,
     n_global: int = 2,
@@ -110,12 +137,16 @@ def multi_crop(
     local_scale: tuple[float, float] = (0.05, 0.4),
     jitter: float = 0.4,
     generator: torch.Generator | None = None,
+    permute: bool = False,
+    keep: torch.Tensor | None = None,
 ) -> list[torch.Tensor]:
     """DINO's multi-crop (Caron et al., 2021, sec. 3.1): `n_global` large crops then `n_local`
-    small ones of every image, each flipped and colour-jittered at random.
+    small ones of every image, each flipped and colour-jittered at random, and with `permute`
+    given its own random order of the colour channels (`permute_channels`).
 
     images: (B, C, H, W) in [0, 1] -> list of n_global tensors (B, C, global_size, global_size)
     followed by n_local tensors (B, C, local_size, local_size). Views of index i share image i.
+    keep: (B, 2) points in [-1, 1] that every crop of image i contains (see `crop_boxes`).
     """
     if n_global < 1:
         raise ValueError(f"n_global must be at least 1 (the teacher sees the global crops), got {n_global}")
@@ -127,6 +158,7 @@ def multi_crop(
     for i in range(n_global + n_local):
         size, scale = (global_size, global_scale) if i < n_global else (local_size, local_scale)
         flip = torch.rand(B, generator=generator) < 0.5
-        view = crop_resize(images, crop_boxes(B, scale, generator=generator), size, flip)
-        views.append(color_jitter(view, jitter, generator=generator) if jitter > 0 else view)
+        view = crop_resize(images, crop_boxes(B, scale, generator=generator, keep=keep), size, flip)
+        view = color_jitter(view, jitter, generator=generator) if jitter > 0 else view
+        views.append(permute_channels(view, generator) if permute else view)
     return views

@@ -30,7 +30,8 @@ class DINOSteps:
     """What DINO does at every step of `fit`, and what it records.
 
     `loss_fn(model, batch)` cuts the multi-crop views of the batch's images (N, C, H, W) in
-    [0, 1], and returns the DINO loss with the teacher temperature of this step (the centers are
+    [0, 1] (with `keep_object`, the batch's second tensor (N, 2) holds points in [-1, 1] that
+    every crop keeps: `object_centres`), and returns the DINO loss with the teacher temperature of this step (the centers are
     updated inside the loss, from this batch). `after_step(step, total_steps)` moves the teacher
     towards the student with the momentum of the step just taken, refreshes the Gram teacher
     every `gram_refresh_every` steps (DINOv3) and calls `eval_fn(model)` every `eval_every` steps
@@ -68,8 +69,10 @@ class DINOSteps:
 
     def loss_fn(self, model: DINO, batch: Sequence[torch.Tensor]) -> tuple[torch.Tensor, None]:
         c = model.config
+        if c.keep_object and len(batch) < 2:
+            raise ValueError("keep_object needs the objects' centres as the batch's second tensor: fit(model, (images, centres), ...)")
         views = multi_crop(batch[0], c.n_global, c.n_local, c.global_size, c.local_size, c.global_scale, c.local_scale,
-                           c.jitter, self.generator)
+                           c.jitter, self.generator, c.permute_channels, batch[1] if c.keep_object else None)
         tau_t = teacher_temperature(self.step, c.tau_t_warmup_steps, c.tau_t_start, c.tau_t)
         loss, stats = model.loss(views, tau_t)
         self.steps.append(self.step + 1)
@@ -91,6 +94,12 @@ class DINOSteps:
         self.eval_steps.append(self.step)
         self.evals.append(float(self.eval_fn(self.model)))
         self.model.train(was_training)
+
+
+def object_centres(scenes) -> torch.Tensor:
+    """The large object's centre in every scene, (N, 2) as (x, y) in the [-1, 1] coordinates of
+    the crops (`augment.crop_boxes`)."""
+    return torch.tensor([[o[0]["x"], o[0]["y"]] for o in scenes["objects"]]) * 2 - 1
 
 
 def pooled_features(backbone: ViT, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
