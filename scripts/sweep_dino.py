@@ -38,6 +38,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=189, help="optimizer steps (189: 3 epochs of 4,000 scenes)")
     p.add_argument("--eval-every", type=int, default=63, help="kNN of the teacher every so many steps (and at 0 and the end)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--init", help="start every run from this shipped backbone (fresh heads), e.g. dino_scenes.safetensors")
     p.add_argument("--merge", type=Path, nargs="+", help="merge the runs of these result files into --out and stop")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="the JSON; checkpoints go to its folder")
     args = p.parse_args()
@@ -56,14 +57,14 @@ def main() -> None:
         for seed in args.seeds:
             start = time.process_time()
             head = {**HEAD, **CONFIGS[name]}
-            model, history, _ = train(head, steps=args.steps, seed=seed, max_objects=1, eval_every=args.eval_every, knn=knn)
-            checkpoint = f"dino_ablation_{name}_s{seed}.safetensors"
+            model, history, _ = train(head, steps=args.steps, seed=seed, max_objects=1, eval_every=args.eval_every, knn=knn, init=args.init)
+            checkpoint = f"dino_ablation_{'continued_' if args.init else ''}{name}_s{seed}.safetensors"
             save_checkpoint(model.teacher.backbone, args.out.parent / checkpoint, dino_config=json.dumps(head), seed=seed,
                             steps=history["eval_step"][-1], max_objects=1)
             runs.append({"config": name, "seed": seed, "steps": history["eval_step"][-1], "cpu_seconds": round(time.process_time() - start),
                          "checkpoint": checkpoint, "eval_step": history["eval_step"], "knn": history["knn"]})
             print(runs[-1], flush=True)
-            args.out.write_text(json.dumps({"recipe": HEAD, "configs": CONFIGS, "max_objects": 1, "runs": runs}, indent=1))
+            args.out.write_text(json.dumps({"recipe": HEAD, "configs": CONFIGS, "max_objects": 1, "init": args.init, "runs": runs}, indent=1))
     print(f"wrote {args.out}")
 
 

@@ -36,7 +36,7 @@ import torch
 from course_lib import data, dino
 from course_lib.recipes.dino import DINOSteps, SceneKNN, object_centres
 from course_lib.train import fit
-from course_lib.utils import save_checkpoint, seed_everything
+from course_lib.utils import load_checkpoint, save_checkpoint, seed_everything
 from course_lib.vit import ViT, ViTConfig
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "course_lib" / "checkpoints" / "dino_scenes.safetensors"
@@ -50,12 +50,18 @@ def build(**head_overrides) -> dino.DINO:
 
 
 def train(head: dict, *, steps: int = 1000, seed: int = 0, max_objects: int = 3, n_train: int = 4000, batch_size: int = 64,
-          lr: float = 1e-3, eval_every: int = 100, knn: SceneKNN | None = None) -> tuple[dino.DINO, dict, float]:
+          lr: float = 1e-3, eval_every: int = 100, knn: SceneKNN | None = None, init: str | None = None) -> tuple[dino.DINO, dict, float]:
     """One DINO run with the recipe HEAD updated by `head`; returns the model, its history (per-step
     loss terms, kNN per attribute every `eval_every` steps and at the end) and the seconds taken.
-    The model is built right after seeding, so seed 0 gives the initialisation lecture 05 rebuilds."""
+    The model is built right after seeding, so seed 0 gives the initialisation lecture 05 rebuilds.
+    init: a shipped backbone (e.g. "dino_scenes.safetensors") that student and teacher start from,
+    with fresh heads."""
     seed_everything(seed)
     model = build(**head)
+    if init:
+        start = load_checkpoint(init, ViT, ViTConfig)[0].state_dict()
+        model.student.backbone.load_state_dict(start)
+        model.teacher.backbone.load_state_dict(start)
     train_scenes = data.scenes(n_train, "train", max_objects=max_objects)
     batch = (data.to_tensors(train_scenes)[0], object_centres(train_scenes))
     knn = knn or SceneKNN(1000)
