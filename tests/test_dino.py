@@ -739,10 +739,11 @@ def test_center_and_sinkhorn_reduce_over_processes():
 
 @pytest.mark.slow
 def test_shipped_ablation_permuting_channels_trades_colour_for_background():
-    """Lecture 05's ablation (scripts/sweep_dino.py): with a random channel permutation per view,
-    the teacher's colour kNN is lower than with the jitter alone for every seed, and the
-    background kNN higher on average by more than the spread over seeds; shape stays below raw
-    pixels. One shipped teacher is re-measured and gives the recorded accuracies."""
+    """Lecture 05's ablation (scripts/sweep_dino.py, continued from the shipped teacher): with a
+    random channel permutation per view, the teacher's colour kNN is lower than with the jitter
+    alone for every seed and lower than at the start, and the background kNN higher on average by
+    more than the spread over seeds and above raw pixels; shape stays below raw pixels. One shipped
+    teacher is re-measured and gives the recorded accuracies."""
     import json
     from pathlib import Path
 
@@ -757,13 +758,15 @@ def test_shipped_ablation_permuting_channels_trades_colour_for_background():
         return torch.tensor([runs[config, s]["knn"][attribute][-1] for s in seeds])
 
     print({c: {a: final(c, a).tolist() for a in ("shape", "color", "background")} for c in ("jitter", "permute")})
-    assert (final("permute", "color") < final("jitter", "color") - COLOR_MARGIN).all()
+    assert (final("permute", "color") < final("jitter", "color") - 0.03).all()
     gain = final("permute", "background").mean() - final("jitter", "background").mean()
     spread = max(final(c, "background").max() - final(c, "background").min() for c in ("jitter", "permute"))
-    assert gain > BACKGROUND_MARGIN and gain > spread / 2
+    assert gain > 0.04 and gain > spread / 2
+    assert (final("permute", "color") < torch.tensor([runs["permute", s]["knn"]["color"][0] for s in seeds])).all()
     knn = SceneKNN()
     pixels = knn.accuracy(knn.train_images.flatten(1), knn.test_images.flatten(1))
     assert (final("permute", "shape") < pixels["shape"]).all()  # the lecture says it plainly: not yet
+    assert (final("permute", "background") > pixels["background"]).all()
     run = runs["permute", seeds[0]]
     measured = knn.backbone_accuracy(load_checkpoint(run["checkpoint"], ViT, ViTConfig)[0])
     for a, v in measured.items():
