@@ -758,10 +758,10 @@ def test_shipped_ablation_permuting_channels_trades_colour_for_background():
         return torch.tensor([runs[config, s]["knn"][attribute][-1] for s in seeds])
 
     print({c: {a: final(c, a).tolist() for a in ("shape", "color", "background")} for c in ("jitter", "permute")})
-    assert (final("permute", "color") < final("jitter", "color") - 0.03).all()
+    assert (final("permute", "color") < final("jitter", "color") - 0.05).all()
     gain = final("permute", "background").mean() - final("jitter", "background").mean()
     spread = max(final(c, "background").max() - final(c, "background").min() for c in ("jitter", "permute"))
-    assert gain > 0.04 and gain > spread / 2
+    assert gain > 0.06 and gain > spread / 2
     assert (final("permute", "color") < torch.tensor([runs["permute", s]["knn"]["color"][0] for s in seeds])).all()
     knn = SceneKNN()
     pixels = knn.accuracy(knn.train_images.flatten(1), knn.test_images.flatten(1))
