@@ -1,28 +1,21 @@
-"""DINO: self-distillation with no labels (Caron et al., 2021), with the additions of DINOv2
-(Oquab et al., 2024) and DINOv3 (Simeoni et al., 2025).
+"""DINO: self-distillation with no labels (Caron et al., 2021), with DINOv2's and DINOv3's additions.
 
-A student network learns to match the output distribution of a teacher network over K
-"prototypes". Both see different random crops of the same image; the teacher sees only the large
-(global) crops, the student sees those and several small (local) ones, so it must infer the whole
-from a part. Nothing is labelled. The teacher is not trained: it is an exponential moving average
-(EMA) of the student. Two operations on the teacher's output keep the pair from collapsing to a
-constant: centering (subtract a running mean, so no prototype dominates) and sharpening (a low
-temperature tau_t, so the output is not uniform).
-
-DINOv2 adds a masked-patch loss (iBOT) on patch tokens with its own head, the KoLeo regulariser
-that spreads features over the sphere, and Sinkhorn-Knopp centering. DINOv3 adds Gram anchoring:
-the similarity structure between patches is pinned to that of an earlier teacher.
-
-The backbone is course_lib's ViT (with optional registers); `DINO.from_hf` loads transformers'
-Dinov2Model / Dinov2WithRegistersModel, mask token included.
+A student network learns to match a teacher's output distribution over K "prototypes". The teacher
+sees the large (global) crops of an image, the student those and several small (local) ones, so it
+must infer the whole from a part. The teacher is an exponential moving average (EMA) of the
+student. Centering (subtract a running mean: no prototype dominates) and sharpening (a low
+temperature tau_t: the output is not uniform) keep the pair from collapsing to a constant.
+DINOv2 (Oquab et al., 2024) adds iBOT's masked-patch loss, the KoLeo regulariser and Sinkhorn-Knopp
+centering; DINOv3 (Simeoni et al., 2025) adds Gram anchoring. The backbone is course_lib's ViT;
+`DINO.from_hf` loads transformers' Dinov2Model / Dinov2WithRegistersModel, mask token included.
+The training recipe (multi-crop, the steps for `fit`, kNN evaluation) is `course_lib.recipes.dino`.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -31,39 +24,52 @@ import torch.nn.functional as F
 from torch import nn
 
 from .hf import load_hf_checkpoint
-from .layers import load_state_dict_checked, param_groups
-from .train import cosine_schedule
-from .vit import ViT, ViTConfig, config_from_hf, convert_hf_state_dict
+from .utils import freeze
+from .vit import ViT, ViTConfig
 
 
-# ----------------------------------------------------------------------------------------------
-# Distributed guards: every collective is a no-op in a single process.
-# ----------------------------------------------------------------------------------------------
-def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
+def _process_count() -> int:
+    """How many processes train together: 1 unless torch.distributed is initialised. The center
+    and Sinkhorn-Knopp then reduce over all of them, as in the official code."""
+    try:
+        from .distributed import distributed_info
+    except ImportError:  # the distributed helpers used to live in course_lib.train
+        from .train import distributed_info
+    return distributed_info()[1]
 
 
-def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
-    """Mean of `x` over processes; `x` itself when torch.distributed is not initialised."""
-    if not is_distributed():
-        return x
-    x = x.clone()
-    dist.all_reduce(x)
-    return x / dist.get_world_size()
-
-
-def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
-    if not is_distributed():
-        return x
-    x = x.clone()
-    dist.all_reduce(x)
+def _all_reduce_sum_(x: torch.Tensor) -> torch.Tensor:
+    """Sum `x` over the processes, in place; a no-op in one process. Returns `x`."""
+    if _process_count() > 1:
+        dist.all_reduce(x)
     return x
+
+
+def _check_positive(**values: float) -> None:
+    for name, v in values.items():
+        if not v > 0:
+            raise ValueError(f"{name} must be positive, got {v}")
+
+
+def _check_unit(**values: float) -> None:
+    for name, v in values.items():
+        if not 0.0 <= v <= 1.0:
+            raise ValueError(f"{name} must lie in [0, 1], got {v}")
+
+
+def _check_range(**ranges: tuple[float, float]) -> None:
+    for name, (low, high) in ranges.items():
+        if not 0.0 <= low <= high <= 1.0:
+            raise ValueError(f"{name} must be (low, high) with 0 <= low <= high <= 1, got {(low, high)}")
 
 
 # ----------------------------------------------------------------------------------------------
 # The loss: centering, sharpening, cross-entropy over view pairs
 # ----------------------------------------------------------------------------------------------
-def _stack_views(out: torch.Tensor | Sequence[torch.Tensor], who: str) -> torch.Tensor:
+Views = torch.Tensor | Sequence[torch.Tensor]  # (V, B, K), or a list of V tensors (B, K)
+
+
+def _stack_views(out: Views, who: str) -> torch.Tensor:
     if isinstance(out, (list, tuple)):
         if len({tuple(o.shape) for o in out}) != 1:
             raise ValueError(f"{who} views have different shapes {[tuple(o.shape) for o in out]}: every view needs (B, K)")
@@ -74,30 +80,27 @@ def _stack_views(out: torch.Tensor | Sequence[torch.Tensor], who: str) -> torch.
 
 
 def teacher_probs(teacher_out: torch.Tensor, center: torch.Tensor, tau_t: float) -> torch.Tensor:
-    """Centered and sharpened teacher distribution softmax((t - c) / tau_t), with no gradient.
-
-    teacher_out: (..., K) logits, center: (K,). Returns (..., K) probabilities.
-    """
+    """Centered, sharpened teacher distribution softmax((t - c) / tau_t), with no gradient:
+    (..., K) logits and a (K,) center -> (..., K) probabilities."""
+    _check_positive(tau_t=tau_t)
+    if center.shape != teacher_out.shape[-1:]:
+        raise ValueError(f"center has shape {tuple(center.shape)}, expected ({teacher_out.shape[-1]},): one entry per prototype")
     return F.softmax((teacher_out.detach() - center) / tau_t, dim=-1)
 
 
-def multicrop_cross_entropy(student_out: torch.Tensor | Sequence[torch.Tensor], teacher_p: torch.Tensor, tau_s: float) -> torch.Tensor:
-    """Mean cross-entropy H(P_t, P_s) over all pairs of different views.
-
-    student_out: (V_s, B, K) logits, the V_t global crops first; teacher_p: (V_t, B, K) target
-    probabilities (already centered and sharpened). Pair (i, j) compares teacher view i with
-    student view j; pairs with i == j are skipped. Returns the mean over the batch and the pairs.
-    """
+def multicrop_cross_entropy(student_out: Views, teacher_p: torch.Tensor, tau_s: float) -> torch.Tensor:
+    """Mean cross-entropy H(P_t, P_s) over all pairs of different views. student_out: (V_s, B, K)
+    logits, the V_t global crops first; teacher_p: (V_t, B, K) targets (centered and sharpened).
+    Pair (i, j) compares teacher view i with student view j; pairs with i == j are skipped."""
+    _check_positive(tau_s=tau_s)
     s = _stack_views(student_out, "student")
     t = _stack_views(teacher_p, "teacher")
     (V_s, B, K), V_t = s.shape, t.shape[0]
     if t.shape[1:] != (B, K):
         raise ValueError(f"teacher views are {tuple(t.shape[1:])} per view, student views {(B, K)}: use the same batch and K")
     if V_t > V_s:
-        raise ValueError(
-            f"{V_t} teacher views but only {V_s} student views: the teacher sees the global crops, "
-            "the student sees them too (first) plus the local crops, so V_t <= V_s"
-        )
+        raise ValueError(f"{V_t} teacher views but only {V_s} student views: the teacher sees the global crops, "
+                         "the student sees them too (first) plus the local crops, so V_t <= V_s")
     if V_s == 1:
         raise ValueError("one view gives no pair of different views: use at least 2 crops per image")
     log_p_s = F.log_softmax(s / tau_s, dim=-1)  # (V_s, B, K)
@@ -106,13 +109,7 @@ def multicrop_cross_entropy(student_out: torch.Tensor | Sequence[torch.Tensor], 
     return ce[~same_view].mean()
 
 
-def dino_loss(
-    student_out: torch.Tensor | Sequence[torch.Tensor],
-    teacher_out: torch.Tensor | Sequence[torch.Tensor],
-    center: torch.Tensor,
-    tau_s: float = 0.1,
-    tau_t: float = 0.04,
-) -> torch.Tensor:
+def dino_loss(student_out: Views, teacher_out: Views, center: torch.Tensor, tau_s: float = 0.1, tau_t: float = 0.04) -> torch.Tensor:
     """The DINO loss over multi-crop views (Caron et al., 2021, eq. 3 and Algorithm 1).
 
     student_out: (V_s, B, K) logits of every view, the V_t global crops first, then the locals
@@ -124,35 +121,34 @@ def dino_loss(
     pairs. A student never matches the teacher on the very same view: that would be trivial.
     """
     t = _stack_views(teacher_out, "teacher")
-    if center.shape != t.shape[-1:]:
-        raise ValueError(f"center has shape {tuple(center.shape)}, expected ({t.shape[-1]},): one entry per prototype")
     return multicrop_cross_entropy(student_out, teacher_probs(t, center, tau_t), tau_s)
 
 
 @torch.no_grad()
 def update_center(center: torch.Tensor, teacher_out: torch.Tensor, momentum: float = 0.9) -> torch.Tensor:
-    """C <- m C + (1 - m) mean(teacher logits) (DINO eq. 4). Returns the new center (K,).
-
-    teacher_out: (..., K), all global views of the batch; the mean is over every row and,
-    when training on several processes, over all of them.
-    """
-    batch_center = all_reduce_mean(teacher_out.detach().reshape(-1, teacher_out.shape[-1]).mean(dim=0))
+    """C <- m C + (1 - m) mean(teacher logits) (DINO eq. 4): the new center (K,). teacher_out:
+    (..., K), all global views of the batch; the mean is over every row and every process."""
+    _check_unit(momentum=momentum)
+    if center.shape != teacher_out.shape[-1:]:
+        raise ValueError(f"center has shape {tuple(center.shape)}, teacher logits {tuple(teacher_out.shape)}: one center entry per prototype")
+    batch_center = _all_reduce_sum_(teacher_out.detach().reshape(-1, teacher_out.shape[-1]).mean(dim=0)) / _process_count()
     return center * momentum + batch_center * (1 - momentum)
 
 
 @torch.no_grad()
 def sinkhorn_knopp(teacher_out: torch.Tensor, tau_t: float, n_iters: int = 3) -> torch.Tensor:
-    """DINOv2's centering (SwAV, Caron et al., 2020): (B, K) logits -> (B, K) probabilities.
-
-    Alternately normalises the prototypes (columns) to equal mass and the samples (rows) to sum
-    to one, `n_iters` times (DINOv2 uses 3). Rows of the result sum to 1.
-    """
+    """DINOv2's centering (SwAV, Caron et al., 2020): (B, K) logits -> (B, K) probabilities whose
+    rows sum to 1. Alternately gives every prototype (column) equal mass and every sample (row)
+    mass one, `n_iters` times (DINOv2 uses 3)."""
+    if teacher_out.ndim != 2:
+        raise ValueError(f"sinkhorn_knopp expects (B, K) logits, got shape {tuple(teacher_out.shape)}: flatten the views into the batch")
+    _check_positive(tau_t=tau_t, n_iters=n_iters)
     Q = torch.exp(teacher_out.float() / tau_t).T  # (K, B); logits are cosines, so no overflow
     K, B = Q.shape
-    B = B * (dist.get_world_size() if is_distributed() else 1)
-    Q = Q / all_reduce_sum(Q.sum())
+    B = B * _process_count()  # the columns of every process together
+    Q = Q / _all_reduce_sum_(Q.sum())
     for _ in range(n_iters):
-        Q = Q / all_reduce_sum(Q.sum(dim=1, keepdim=True)) / K  # every prototype gets mass 1/K
+        Q = Q / _all_reduce_sum_(Q.sum(dim=1, keepdim=True)) / K  # every prototype gets mass 1/K
         Q = Q / Q.sum(dim=0, keepdim=True) / B  # every sample gets mass 1/B
     return (Q * B).T
 
@@ -168,6 +164,10 @@ def entropy(p: torch.Tensor) -> torch.Tensor:
 def teacher_momentum(step: int, total_steps: int, base: float = 0.996, final: float = 1.0) -> float:
     """Cosine schedule of the EMA momentum from `base` at step 0 to `final` at the last step
     (DINO section 3.1): late in training the teacher moves ever more slowly."""
+    _check_positive(total_steps=total_steps)
+    _check_unit(base=base, final=final)
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
     progress = min(1.0, step / max(1, total_steps))
     return final - (final - base) * (math.cos(math.pi * progress) + 1) / 2
 
@@ -175,6 +175,9 @@ def teacher_momentum(step: int, total_steps: int, base: float = 0.996, final: fl
 def teacher_temperature(step: int, warmup_steps: int, start: float = 0.04, end: float = 0.04) -> float:
     """Linear warmup of tau_t from `start` to `end` over `warmup_steps`, then constant (DINO
     uses 0.04 -> 0.07 over 30 epochs for long runs: a too sharp teacher early can diverge)."""
+    _check_positive(start=start, end=end)
+    if warmup_steps < 0 or step < 0:
+        raise ValueError(f"step and warmup_steps must be >= 0, got {step} and {warmup_steps}")
     if step >= warmup_steps:
         return end
     return start + (end - start) * step / warmup_steps
@@ -182,10 +185,9 @@ def teacher_temperature(step: int, warmup_steps: int, start: float = 0.04, end: 
 
 @torch.no_grad()
 def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
-    """theta_t <- m theta_t + (1 - m) theta_s for every parameter, in place (DINO section 3.1).
-
-    Buffers (if any) are copied from the student. The two modules must have the same parameters.
-    """
+    """theta_t <- m theta_t + (1 - m) theta_s for every parameter, in place (DINO section 3.1);
+    buffers are copied from the student. The two modules must have the same parameters."""
+    _check_unit(momentum=momentum)
     t_params, s_params = dict(teacher.named_parameters()), dict(student.named_parameters())
     if t_params.keys() != s_params.keys():
         diff = sorted(set(t_params) ^ set(s_params))
@@ -207,30 +209,22 @@ def masked_cross_entropy(student_patch_out: torch.Tensor, teacher_p: torch.Tenso
     Averaged over the masked patches of each image, then over the batch; an image with no masked
     patch contributes 0."""
     if student_patch_out.shape != teacher_p.shape or student_patch_out.shape[:2] != mask.shape:
-        raise ValueError(
-            f"student {tuple(student_patch_out.shape)}, teacher {tuple(teacher_p.shape)} and mask "
-            f"{tuple(mask.shape)} must agree as (B, N, K), (B, N, K), (B, N)"
-        )
+        raise ValueError(f"student {tuple(student_patch_out.shape)}, teacher {tuple(teacher_p.shape)} and mask "
+                         f"{tuple(mask.shape)} must agree as (B, N, K), (B, N, K), (B, N)")
+    if mask.dtype != torch.bool:
+        raise ValueError(f"mask must be boolean (True = masked), got {mask.dtype}: use mask.bool()")
+    _check_positive(tau_s=tau_s)
     ce = -(teacher_p * F.log_softmax(student_patch_out / tau_s, dim=-1)).sum(dim=-1)  # (B, N)
     m = mask.float()
     return ((ce * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)).mean()
 
 
-def ibot_patch_loss(
-    student_patch_out: torch.Tensor,
-    teacher_patch_out: torch.Tensor,
-    mask: torch.Tensor,
-    center: torch.Tensor,
-    tau_s: float = 0.1,
-    tau_t: float = 0.04,
-) -> torch.Tensor:
+def ibot_patch_loss(student_patch_out: torch.Tensor, teacher_patch_out: torch.Tensor, mask: torch.Tensor, center: torch.Tensor,
+                    tau_s: float = 0.1, tau_t: float = 0.04) -> torch.Tensor:
     """iBOT's masked-patch loss as in DINOv2 (Zhou et al., 2022; Oquab et al., 2024, sec. 4).
-
-    student_patch_out: (B, N, K) logits of the student's patch tokens, computed on the image with
-    the masked patches replaced by a mask token. teacher_patch_out: (B, N, K) logits of the
-    teacher on the unmasked image. mask: (B, N) bool, True = masked for the student.
-    center: (K,) running mean of the teacher's patch logits (its own, not the CLS center).
-    """
+    student_patch_out: (B, N, K) logits of the student's patch tokens on the image with the masked
+    patches replaced by a mask token; teacher_patch_out: (B, N, K), the teacher's on the unmasked
+    image; mask: (B, N) bool, True = masked; center: (K,), the patch logits' own running mean."""
     return masked_cross_entropy(student_patch_out, teacher_probs(teacher_patch_out, center, tau_t), mask, tau_s)
 
 
@@ -243,10 +237,8 @@ def koleo_loss(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     if x.ndim != 2:
         raise ValueError(f"koleo_loss expects (B, D) features, got shape {tuple(x.shape)}")
     if x.shape[0] < 2:
-        raise ValueError(
-            f"koleo_loss needs at least 2 samples to find a nearest neighbour, got a batch of {x.shape[0]}: "
-            "use a larger batch (or skip the term for this batch)"
-        )
+        raise ValueError(f"koleo_loss needs at least 2 samples to find a nearest neighbour, got a batch of {x.shape[0]}: "
+                         "use a larger batch (or skip the term for this batch)")
     x = F.normalize(x, dim=-1)
     with torch.no_grad():
         dots = x @ x.T  # (B, B); on the unit sphere the largest dot product is the nearest point
@@ -273,114 +265,24 @@ def gram_loss(student_patches: torch.Tensor, teacher_patches: torch.Tensor) -> t
 
 
 # ----------------------------------------------------------------------------------------------
-# Multi-crop augmentation, on whole batches (no torchvision needed)
+# iBOT masking, the heads and the student/teacher pair
 # ----------------------------------------------------------------------------------------------
-def crop_boxes(n: int, scale: tuple[float, float], ratio: tuple[float, float] = (3 / 4, 4 / 3), generator: torch.Generator | None = None) -> torch.Tensor:
-    """Random boxes for RandomResizedCrop: (n, 4) rows (cx, cy, w, h) in [-1, 1] image coordinates,
-    w * h / 4 = a fraction of the area drawn uniformly from `scale`, aspect ratio log-uniform."""
-    area = torch.empty(n).uniform_(*scale, generator=generator)
-    log_r = torch.empty(n).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
-    w = (area * log_r.exp()).sqrt().clamp(max=1.0) * 2  # widths in [-1, 1] units (full image = 2)
-    h = (area / log_r.exp()).sqrt().clamp(max=1.0) * 2
-    cx = (torch.rand(n, generator=generator) * 2 - 1) * (1 - w / 2)
-    cy = (torch.rand(n, generator=generator) * 2 - 1) * (1 - h / 2)
-    return torch.stack([cx, cy, w, h], dim=1)
-
-
-def crop_resize(images: torch.Tensor, boxes: torch.Tensor, size: int, flip: torch.Tensor | None = None) -> torch.Tensor:
-    """Cut box i out of image i and resize it to size x size by bilinear sampling.
-
-    images: (B, C, H, W); boxes: (B, 4) as from `crop_boxes`; flip: (B,) bool, mirror left-right.
-    The full box (0, 0, 2, 2) at the input size returns the images unchanged.
-    """
-    B = images.shape[0]
-    cx, cy, w, h = boxes.to(images).unbind(1)
-    sx = w / 2 * (1 - 2 * flip.to(images)) if flip is not None else w / 2
-    theta = torch.zeros(B, 2, 3).to(images)
-    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = sx, cx, h / 2, cy
-    grid = F.affine_grid(theta, [B, images.shape[1], size, size], align_corners=False)  # (B, size, size, 2)
-    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
-
-
-def luminance(images: torch.Tensor) -> torch.Tensor:
-    """Grayscale (ITU-R 601 luma, as PIL and torchvision): (B, 3, H, W) -> (B, 1, H, W)."""
-    return (images * images.new_tensor([0.299, 0.587, 0.114])[:, None, None]).sum(1, keepdim=True)
-
-
-def adjust_colors(images: torch.Tensor, brightness: torch.Tensor, contrast: torch.Tensor, saturation: torch.Tensor) -> torch.Tensor:
-    """Brightness, then contrast, then saturation, one factor per image (B,), 1 = unchanged.
-
-    As torchvision's ColorJitter: each step blends the *current* image with a reference (black,
-    the mean gray level, the image's own grayscale) and clamps to [0, 1]. Saturation therefore
-    leaves the luminance of the image it receives unchanged.
-    """
-    b, c, s = (f.reshape(-1, 1, 1, 1).to(images) for f in (brightness, contrast, saturation))
-    x = (images * b).clamp(0, 1)
-    mean = luminance(x).mean(dim=(1, 2, 3), keepdim=True)  # (B, 1, 1, 1)
-    x = ((x - mean) * c + mean).clamp(0, 1)
-    gray = luminance(x)  # of the image after brightness and contrast, not of the input
-    return ((x - gray) * s + gray).clamp(0, 1)
-
-
-def color_jitter(images: torch.Tensor, strength: float = 0.4, p_gray: float = 0.2, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Random brightness, contrast and saturation per image, then random grayscale.
-
-    images: (B, 3, H, W) in [0, 1]. Factors are drawn uniformly from [1 - strength, 1 + strength];
-    a simplified version of DINO's photometric augmentations (no hue jitter, no blur)."""
-    B = images.shape[0]
-    b, c, s = torch.empty(3, B).uniform_(1 - strength, 1 + strength, generator=generator)
-    x = adjust_colors(images, b, c, s)
-    to_gray = (torch.rand(B, 1, 1, 1, generator=generator) < p_gray).to(images)
-    return x * (1 - to_gray) + luminance(x) * to_gray
-
-
-def multi_crop(
-    images: torch.Tensor,
-    n_global: int = 2,
-    n_local: int = 4,
-    global_size: int = 32,
-    local_size: int = 16,
-    global_scale: tuple[float, float] = (0.4, 1.0),
-    local_scale: tuple[float, float] = (0.05, 0.4),
-    jitter: float = 0.4,
-    generator: torch.Generator | None = None,
-) -> list[torch.Tensor]:
-    """DINO's multi-crop (Caron et al., 2021, sec. 3.1): `n_global` large crops then `n_local`
-    small ones of every image, each flipped and colour-jittered at random.
-
-    images: (B, C, H, W) in [0, 1] -> list of n_global tensors (B, C, global_size, global_size)
-    followed by n_local tensors (B, C, local_size, local_size). Views of index i share image i.
-    """
-    if n_global < 1:
-        raise ValueError(f"n_global must be at least 1 (the teacher sees the global crops), got {n_global}")
-    B = images.shape[0]
-    views = []
-    for i in range(n_global + n_local):
-        size, scale = (global_size, global_scale) if i < n_global else (local_size, local_scale)
-        flip = torch.rand(B, generator=generator) < 0.5
-        view = crop_resize(images, crop_boxes(B, scale, generator=generator), size, flip)
-        views.append(color_jitter(view, jitter, generator=generator) if jitter > 0 else view)
-    return views
-
-
 def random_patch_mask(batch: int, num_patches: int, ratio: tuple[float, float] = (0.1, 0.5), generator: torch.Generator | None = None) -> torch.Tensor:
     """(B, N) bool mask for iBOT, True = masked; each image masks a fraction drawn from `ratio`."""
+    _check_positive(batch=batch, num_patches=num_patches)
+    _check_range(ratio=ratio)
     r = torch.empty(batch, 1).uniform_(*ratio, generator=generator)
     ranks = torch.rand(batch, num_patches, generator=generator).argsort(dim=1).argsort(dim=1)  # random rank of each patch
     return ranks < (r * num_patches).round()
 
 
-# ----------------------------------------------------------------------------------------------
-# Heads and the student/teacher pair
-# ----------------------------------------------------------------------------------------------
 class DINOHead(nn.Module):
     """Projection head: an MLP to a bottleneck, L2 normalisation, then K unit-norm prototypes
     (DINO's weight-normalised last layer with its norm fixed to 1). Output: (..., K) cosines."""
 
     def __init__(self, in_dim: int, out_dim: int = 1024, hidden_dim: int = 512, bottleneck_dim: int = 64, n_layers: int = 3):
         super().__init__()
-        if n_layers < 1:
-            raise ValueError(f"n_layers must be at least 1, got {n_layers}")
+        _check_positive(in_dim=in_dim, out_dim=out_dim, hidden_dim=hidden_dim, bottleneck_dim=bottleneck_dim, n_layers=n_layers)
         dims = [in_dim] + [hidden_dim] * (n_layers - 1) + [bottleneck_dim]
         layers: list[nn.Module] = []
         for i in range(n_layers):
@@ -401,12 +303,9 @@ class DINOHead(nn.Module):
 
 
 def masked_forward_features(backbone: ViT, images: torch.Tensor, mask: torch.Tensor | None = None, mask_token: torch.Tensor | None = None) -> torch.Tensor:
-    """Backbone tokens (B, prefix + registers + N, D) with the masked patches replaced.
-
-    As in iBOT and DINOv2 (and transformers' `bool_masked_pos`), a masked patch's embedding is
-    replaced by the learned `mask_token` (1, 1, D) *before* its position embedding is added.
-    mask: (B, N) bool, True = masked.
-    """
+    """Backbone tokens (B, prefix + registers + N, D) with the masked patches replaced: as in iBOT,
+    DINOv2 and transformers' `bool_masked_pos`, a masked patch's embedding (mask (B, N), True =
+    masked) becomes the learned `mask_token` (1, 1, D) *before* its position embedding is added."""
     if mask is None:
         return backbone.forward_features(images)
     if mask_token is None:
@@ -439,13 +338,16 @@ class DINOConfig:
     center_momentum: float = 0.9
     momentum: float = 0.996  # EMA momentum at step 0, cosine schedule to momentum_final
     momentum_final: float = 1.0
-    n_global: int = 2
+    n_global: int = 2  # the teacher sees the global crops only
+    # Multi-crop: cut by course_lib.recipes.augment.multi_crop in the training recipe
     n_local: int = 4
     global_size: int = 32
     local_size: int = 16
     global_scale: tuple[float, float] = (0.4, 1.0)
     local_scale: tuple[float, float] = (0.05, 0.4)
     jitter: float = 0.4
+    permute_channels: bool = False  # every view gets its own order of the RGB channels (a coarse hue jitter)
+    keep_object: bool = False  # every crop contains the object's centre (given with the batch)
     ibot_weight: float = 0.0  # DINOv2: masked-patch loss with its own (untied) head
     mask_ratio: tuple[float, float] = (0.1, 0.5)
     koleo_weight: float = 0.0  # DINOv2: 0.1
@@ -455,10 +357,13 @@ class DINOConfig:
     def __post_init__(self) -> None:
         if self.centering not in ("center", "sinkhorn", "none"):
             raise ValueError(f"centering must be 'center', 'sinkhorn' or 'none', got {self.centering!r}")
-        if self.tau_s <= 0 or self.tau_t <= 0 or self.tau_t_start <= 0:
-            raise ValueError("temperatures must be positive")
-        if not 0.0 <= self.momentum <= 1.0:
-            raise ValueError(f"the EMA momentum must lie in [0, 1], got {self.momentum}")
+        _check_positive(tau_s=self.tau_s, tau_t=self.tau_t, tau_t_start=self.tau_t_start, out_dim=self.out_dim, hidden_dim=self.hidden_dim,
+                        bottleneck_dim=self.bottleneck_dim, head_layers=self.head_layers, n_global=self.n_global,
+                        global_size=self.global_size, local_size=self.local_size)
+        _check_unit(momentum=self.momentum, momentum_final=self.momentum_final, center_momentum=self.center_momentum)
+        if min(self.n_local, self.tau_t_warmup_steps, self.jitter, self.ibot_weight, self.koleo_weight, self.gram_weight) < 0:
+            raise ValueError("n_local, tau_t_warmup_steps, jitter and the loss weights must be >= 0")
+        _check_range(global_scale=self.global_scale, local_scale=self.local_scale, mask_ratio=self.mask_ratio)
 
 
 class DINO(nn.Module):
@@ -466,15 +371,17 @@ class DINO(nn.Module):
 
     def __init__(self, backbone: ViT, config: DINOConfig | None = None):
         super().__init__()
+        if not isinstance(backbone, ViT):
+            raise TypeError(f"DINO trains a course_lib ViT backbone, got {type(backbone).__name__}: build one with ViT(ViTConfig(num_classes=0, ...))")
         self.config = c = config or DINOConfig()
         D = backbone.config.dim
         heads = {"backbone": backbone, "head": DINOHead(D, c.out_dim, c.hidden_dim, c.bottleneck_dim, c.head_layers)}
         if c.ibot_weight > 0:
             heads["ibot_head"] = DINOHead(D, c.out_dim, c.hidden_dim, c.bottleneck_dim, c.head_layers)
         self.student = nn.ModuleDict(heads)
-        self.teacher = copy.deepcopy(self.student).requires_grad_(False)
+        self.teacher = freeze(copy.deepcopy(self.student))  # no gradient, so no optimizer step and no weight decay
         self.mask_token = nn.Parameter(torch.zeros(1, 1, D)) if c.ibot_weight > 0 else None
-        self.gram_teacher = copy.deepcopy(backbone).requires_grad_(False) if c.gram_weight > 0 else None
+        self.gram_teacher = freeze(copy.deepcopy(backbone)) if c.gram_weight > 0 else None
         self.register_buffer("center", torch.zeros(c.out_dim))
         self.register_buffer("patch_center", torch.zeros(c.out_dim))
 
@@ -512,6 +419,9 @@ class DINO(nn.Module):
         tau_t = c.tau_t if tau_t is None else tau_t
         if len(views) < c.n_global:
             raise ValueError(f"got {len(views)} views but the config has {c.n_global} global crops: pass the globals first, then the locals")
+        shapes = [tuple(v.shape) for v in views]
+        if len(set(shapes[: c.n_global])) > 1 or len(set(shapes[c.n_global :])) > 1 or len({s[0] for s in shapes}) > 1:
+            raise ValueError(f"views of shapes {shapes}: every view needs the same images, the global crops one size, the local crops another")
         B, skip = views[0].shape[0], self.student.backbone.num_skip_tokens
         globals_ = torch.cat(list(views[: c.n_global]))  # (n_global*B, C, H, W), view-major
         with torch.no_grad():
@@ -526,27 +436,22 @@ class DINO(nn.Module):
         if len(views) > c.n_global:  # local crops share one size: one forward pass for all of them
             s_cls.append(self.student.backbone.pool(self.student.backbone.forward_features(torch.cat(list(views[c.n_global :])))))
         s_logits = self.student.head(torch.cat(s_cls)).reshape(len(views), B, -1)  # (V_s, B, K)
-        loss_dino = multicrop_cross_entropy(s_logits, p_t, c.tau_s)
-        total, stats = loss_dino, {"dino": loss_dino.item()}
+        terms = {"dino": (1.0, multicrop_cross_entropy(s_logits, p_t, c.tau_s))}  # name: (weight, loss)
         if c.ibot_weight > 0:
             with torch.no_grad():
                 t_patch = self.teacher.ibot_head(t_tokens[:, skip:])  # (n_global*B, N, K)
                 p_patch = self._teacher_targets(t_patch, self.patch_center, tau_t)
-            loss_ibot = masked_cross_entropy(self.student.ibot_head(s_tokens[:, skip:]), p_patch, mask, c.tau_s)
-            total = total + c.ibot_weight * loss_ibot
-            stats["ibot"] = loss_ibot.item()
+            terms["ibot"] = c.ibot_weight, masked_cross_entropy(self.student.ibot_head(s_tokens[:, skip:]), p_patch, mask, c.tau_s)
             self.patch_center.copy_(update_center(self.patch_center, t_patch[mask], c.center_momentum))
         if c.koleo_weight > 0:  # on the student's CLS features, per global view (DINOv2)
-            loss_koleo = torch.stack([koleo_loss(x) for x in s_cls[0].split(B)]).mean()
-            total = total + c.koleo_weight * loss_koleo
-            stats["koleo"] = loss_koleo.item()
+            terms["koleo"] = c.koleo_weight, torch.stack([koleo_loss(x) for x in s_cls[0].split(B)]).mean()
         if c.gram_weight > 0:  # on the patch features of the global crops (DINOv3)
             with torch.no_grad():
                 g_tokens = self.gram_teacher.forward_features(globals_)
-            loss_gram = gram_loss(s_tokens[:, skip:], g_tokens[:, skip:])
-            total = total + c.gram_weight * loss_gram
-            stats["gram"] = loss_gram.item()
+            terms["gram"] = c.gram_weight, gram_loss(s_tokens[:, skip:], g_tokens[:, skip:])
         self.center.copy_(update_center(self.center, t_logits, c.center_momentum))
+        total = sum(w * loss for w, loss in terms.values())
+        stats = {name: loss.item() for name, (_, loss) in terms.items()}
         stats["teacher_entropy"] = entropy(p_t).mean().item()  # per image: 0 when one-hot
         stats["marginal_entropy"] = entropy(p_t.reshape(-1, p_t.shape[-1]).mean(0)).item()  # of the batch mean
         stats["kl"] = stats["dino"] - stats["teacher_entropy"]  # H(P_t, P_s) = H(P_t) + KL(P_t || P_s)
@@ -559,143 +464,14 @@ class DINO(nn.Module):
         Dinov2WithRegistersModel (instance, save_pretrained folder or hub id); its mask token
         becomes the iBOT mask token when config.ibot_weight > 0. The heads start fresh: the
         released checkpoints do not include them."""
-        hf_config, state = load_hf_checkpoint(source)
-        vit_config = config_from_hf(hf_config, state, **overrides)
-        backbone = ViT(vit_config)
-        converted = convert_hf_state_dict(state, vit_config)
-        load_state_dict_checked(backbone, converted, source=source if isinstance(source, str) else type(source).__name__)
-        model = cls(backbone, config)
-        key = next((k for k in state if k.endswith("embeddings.mask_token")), None)
-        if model.mask_token is not None and key is not None:
-            with torch.no_grad():
-                model.mask_token.copy_(state[key].reshape(1, 1, -1))
+        model = cls(ViT.from_hf(source, **overrides), config)
+        if model.mask_token is not None:  # not part of the ViT: read it from the checkpoint
+            state = load_hf_checkpoint(source)[1]
+            key = next((k for k in state if k.endswith("embeddings.mask_token")), None)
+            if key is not None:
+                with torch.no_grad():
+                    model.mask_token.copy_(state[key].reshape(1, 1, -1))
         return model
-
-
-# ----------------------------------------------------------------------------------------------
-# Training and evaluation
-# ----------------------------------------------------------------------------------------------
-@dataclass
-class DINOHistory:
-    step: list[int] = field(default_factory=list)
-    stats: dict[str, list[float]] = field(default_factory=dict)
-    eval_step: list[int] = field(default_factory=list)
-    eval: list[float] = field(default_factory=list)
-    images_per_s: float = 0.0
-    seconds: float = 0.0
-
-    @property
-    def loss(self) -> list[float]:
-        return self.stats.get("loss", [])
-
-
-def train_dino(
-    model: DINO,
-    images: torch.Tensor,
-    *,
-    steps: int = 100,
-    batch_size: int = 64,
-    lr: float = 1e-3,
-    weight_decay: float = 0.04,
-    warmup: float = 0.1,
-    clip_grad: float | None = 3.0,
-    gram_refresh_every: int = 0,
-    eval_fn: Callable[[DINO], float] | None = None,
-    eval_every: int = 0,
-    seed: int = 0,
-    progress: bool = True,
-    log_every: int = 1,
-) -> DINOHistory:
-    """Train `model` on unlabelled `images` (N, C, H, W) in [0, 1] for `steps` steps.
-
-    Each step: multi-crop views, the loss (center updated inside), AdamW on the student with
-    warmup + cosine learning rate, then the EMA teacher update with the cosine momentum schedule
-    and the teacher-temperature warmup. `eval_fn(model)` (e.g. a kNN accuracy) is recorded every
-    `eval_every` steps. Runs in one process; the center and Sinkhorn-Knopp reduce over processes
-    when torch.distributed is initialised.
-    """
-    from tqdm.auto import tqdm
-
-    c = model.config
-    device = next(model.parameters()).device
-    model.train()
-    opt = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_schedule(steps, int(warmup * steps)))
-    gen = torch.Generator().manual_seed(seed)
-    hist = DINOHistory()
-    start = time.perf_counter()
-
-    def record_eval(step: int) -> None:
-        if eval_fn is not None:
-            hist.eval_step.append(step)
-            hist.eval.append(float(eval_fn(model)))
-            model.train()
-
-    if eval_fn is not None and eval_every:
-        record_eval(0)
-    for step in tqdm(range(steps), desc="DINO", disable=not progress, leave=True):
-        idx = torch.randint(0, images.shape[0], (batch_size,), generator=gen)
-        views = multi_crop(images[idx], c.n_global, c.n_local, c.global_size, c.local_size, c.global_scale, c.local_scale, c.jitter, gen)
-        views = [v.to(device) for v in views]
-        tau_t = teacher_temperature(step, c.tau_t_warmup_steps, c.tau_t_start, c.tau_t)
-        loss, stats = model.loss(views, tau_t)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if clip_grad:
-            torch.nn.utils.clip_grad_norm_(model.student.parameters(), clip_grad)
-        opt.step()
-        sched.step()
-        model.update_teacher(teacher_momentum(step, steps, c.momentum, c.momentum_final))
-        if gram_refresh_every and (step + 1) % gram_refresh_every == 0:
-            model.refresh_gram_teacher()
-        if step % log_every == 0 or step == steps - 1:
-            hist.step.append(step + 1)
-            for k, v in stats.items():
-                hist.stats.setdefault(k, []).append(v)
-        if eval_every and (step + 1) % eval_every == 0:
-            record_eval(step + 1)
-    hist.seconds = time.perf_counter() - start
-    hist.images_per_s = steps * batch_size / hist.seconds
-    model.eval()
-    return hist
-
-
-@torch.no_grad()
-def extract_features(backbone: ViT, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """L2-normalised image features (N, D) of a frozen backbone in eval mode: its CLS token, or
-    the mean patch token when the backbone was built with ViTConfig(pool="mean")."""
-    was_training = backbone.training
-    backbone.eval()
-    device = next(backbone.parameters()).device
-    feats = [backbone.pool(backbone.forward_features(images[i : i + batch_size].to(device))) for i in range(0, images.shape[0], batch_size)]
-    backbone.train(was_training)
-    return F.normalize(torch.cat(feats), dim=-1).cpu()
-
-
-def knn_accuracy(
-    train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor, test_labels: torch.Tensor, k: int = 20, T: float = 0.07
-) -> float:
-    """Weighted k-nearest-neighbour accuracy on L2-normalised features (DINO's evaluation,
-    after Wu et al., 2018): the k most cosine-similar training images vote for their label with
-    weight exp(similarity / T)."""
-    k = min(k, train_features.shape[0])
-    sims = F.normalize(test_features, dim=-1) @ F.normalize(train_features, dim=-1).T  # (N_test, N_train)
-    top, idx = sims.topk(k, dim=1)  # (N_test, k)
-    n_classes = int(max(train_labels.max(), test_labels.max())) + 1
-    votes = torch.zeros(test_features.shape[0], n_classes).scatter_add_(1, train_labels[idx], (top / T).exp())
-    return (votes.argmax(dim=1) == test_labels).float().mean().item()
-
-
-@torch.no_grad()
-def cls_attention_maps(backbone: ViT, images: torch.Tensor) -> torch.Tensor:
-    """Last-layer attention of the CLS token to the patches (DINO Fig. 1): (B, heads, gh, gw).
-
-    Register tokens are left out; each map is renormalised to sum to 1 over the patches."""
-    _, maps = backbone.eval().forward_features(images, return_attention=True)
-    attn = maps[-1][:, :, 0, backbone.num_skip_tokens :]  # (B, heads, N)
-    attn = attn / attn.sum(dim=-1, keepdim=True)
-    gh, gw = images.shape[2] // backbone.patch_embed.patch_size[0], images.shape[3] // backbone.patch_embed.patch_size[1]
-    return attn.reshape(*attn.shape[:2], gh, gw)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -707,15 +483,19 @@ def dino_scenes(**config_kw) -> DINO:
     return DINO(backbone, DINOConfig(**config_kw))
 
 
+def _dino_vit16(dim: int, num_heads: int, config_kw: dict) -> DINO:
+    """A ViT-?/16 at 224 (depth 12) with DINO's head and multi-crop: K = 65536 prototypes,
+    hidden 2048, bottleneck 256, 2 global crops of 224 and 8 local crops of 96 (Caron et al., 2021)."""
+    backbone = ViT(ViTConfig(image_size=224, patch_size=16, num_classes=0, dim=dim, depth=12, num_heads=num_heads))
+    paper = dict(out_dim=65536, hidden_dim=2048, bottleneck_dim=256, global_size=224, local_size=96, n_local=8)
+    return DINO(backbone, DINOConfig(**{**paper, **config_kw}))
+
+
 def dino_vit_small(**config_kw) -> DINO:
-    """DINO's ViT-S/16 at 224 with its head: K = 65536, hidden 2048, bottleneck 256 (Caron et al., 2021)."""
-    backbone = ViT(ViTConfig(image_size=224, patch_size=16, num_classes=0, dim=384, depth=12, num_heads=6))
-    kw = dict(out_dim=65536, hidden_dim=2048, bottleneck_dim=256, global_size=224, local_size=96, n_local=8)
-    return DINO(backbone, DINOConfig(**{**kw, **config_kw}))
+    """DINO ViT-S/16: width 384, 6 heads, 21.7M backbone parameters."""
+    return _dino_vit16(384, 6, config_kw)
 
 
 def dino_vit_base(**config_kw) -> DINO:
-    """DINO's ViT-B/16 at 224 with its head (Caron et al., 2021)."""
-    backbone = ViT(ViTConfig(image_size=224, patch_size=16, num_classes=0, dim=768, depth=12, num_heads=12))
-    kw = dict(out_dim=65536, hidden_dim=2048, bottleneck_dim=256, global_size=224, local_size=96, n_local=8)
-    return DINO(backbone, DINOConfig(**{**kw, **config_kw}))
+    """DINO ViT-B/16: width 768, 12 heads, 85.8M backbone parameters."""
+    return _dino_vit16(768, 12, config_kw)
