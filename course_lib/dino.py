@@ -23,6 +23,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from .distributed import distributed_info
 from .hf import load_hf_checkpoint
 from .utils import freeze
 from .vit import ViT, ViTConfig
@@ -31,10 +32,6 @@ from .vit import ViT, ViTConfig
 def _process_count() -> int:
     """How many processes train together: 1 unless torch.distributed is initialised. The center
     and Sinkhorn-Knopp then reduce over all of them, as in the official code."""
-    try:
-        from .distributed import distributed_info
-    except ImportError:  # the distributed helpers used to live in course_lib.train
-        from .train import distributed_info
     return distributed_info()[1]
 
 
