@@ -9,7 +9,7 @@ load weights with errors a student can act on.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -434,3 +434,40 @@ def load_state_dict_checked(model: nn.Module, state_dict: dict[str, torch.Tensor
         )
         raise ValueError("\n".join(lines))
     model.load_state_dict(state_dict, strict=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoding
+# ----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def greedy_decode(
+    next_logits: Callable[[torch.Tensor], torch.Tensor],
+    embed: Callable[[torch.Tensor], torch.Tensor],
+    prompt: torch.Tensor,
+    max_new_tokens: int,
+    eos_id: int | None = None,
+    incremental: bool = False,
+) -> torch.Tensor:
+    """Greedy decoding for any decoder-only language model: the new ids (B, <= max_new_tokens).
+
+    next_logits(embeddings (B, T, D)) -> logits of the last position (B, V); embed(ids (B, 1)) ->
+    (B, 1, D); prompt: the prompt's embeddings (B, T, D) (text, or a soft prompt then text).
+    `incremental=True` feeds only the newest token at each step (the model keeps a KV cache);
+    otherwise the whole sequence is fed again. Stops when every row has produced `eos_id`; rows
+    that finished early are filled with `eos_id`.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    step_input, new = prompt, []
+    done = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
+    for _ in range(max_new_tokens):
+        next_id = next_logits(step_input).argmax(-1)  # (B,)
+        if eos_id is not None:
+            next_id = torch.where(done, torch.full_like(next_id, eos_id), next_id)
+            done |= next_id == eos_id
+        new.append(next_id)
+        next_embed = embed(next_id[:, None])  # (B, 1, D)
+        step_input = next_embed if incremental else torch.cat([step_input, next_embed], dim=1)
+        if eos_id is not None and bool(done.all()):
+            break
+    return torch.stack(new, dim=1)

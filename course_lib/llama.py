@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .hf import cfg, load_hf_checkpoint, rename_keys
-from .layers import Attention, causal_mask, load_state_dict_checked
+from .layers import Attention, causal_mask, greedy_decode, load_state_dict_checked
 
 
 @dataclass
@@ -233,19 +233,8 @@ class Llama(nn.Module):
             raise ValueError("pass exactly one of input_ids (B, T) or inputs_embeds (B, T, D)")
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         cache = KVCache(self.config.depth) if use_cache else None
-        step_input, new = x, []
-        done = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-        for _ in range(max_new_tokens):
-            next_id = self(inputs_embeds=step_input, cache=cache)[:, -1].argmax(-1)  # (B,)
-            if eos_id is not None:
-                next_id = torch.where(done, torch.full_like(next_id, eos_id), next_id)
-                done |= next_id == eos_id
-            new.append(next_id)
-            next_embed = self.embed(next_id[:, None])  # (B, 1, D)
-            step_input = next_embed if use_cache else torch.cat([step_input, next_embed], dim=1)
-            if eos_id is not None and bool(done.all()):
-                break
-        return torch.stack(new, dim=1)
+        return greedy_decode(lambda e: self(inputs_embeds=e, cache=cache)[:, -1], self.embed, x,
+                             max_new_tokens, eos_id, incremental=use_cache)
 
     @classmethod
     def from_hf(cls, source, **overrides) -> "Llama":

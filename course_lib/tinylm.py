@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import Block, causal_mask
+from .layers import Block, causal_mask, greedy_decode
 
 
 # ----------------------------------------------------------------------------------------------
@@ -117,20 +117,8 @@ class TinyLM(nn.Module):
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids (B, T) or inputs_embeds (B, T, D)")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
-        new, done = [], torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-        for _ in range(max_new_tokens):
-            next_id = self(inputs_embeds=x)[:, -1].argmax(-1)  # (B,)
-            if eos_id is not None:
-                next_id = torch.where(done, torch.full_like(next_id, eos_id), next_id)
-                done |= next_id == eos_id
-            new.append(next_id)
-            x = torch.cat([x, self.embed(next_id[:, None])], dim=1)
-            if eos_id is not None and bool(done.all()):
-                break
-        return torch.stack(new, dim=1)
+        return greedy_decode(lambda e: self(inputs_embeds=e)[:, -1], self.embed, x, max_new_tokens, eos_id)
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
