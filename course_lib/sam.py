@@ -26,7 +26,7 @@ from torch import nn
 
 from .convnext import LayerNorm2d
 from .hf import cfg, load_hf_checkpoint, rename_keys
-from .layers import Mlp, attention, load_state_dict_checked
+from .layers import Attention, Mlp, attention, load_state_dict_checked, merge_heads
 from .sam_decoder import MaskDecoder
 from .swin import pad_to_window, window_partition, window_reverse
 from .vit import PatchEmbed
@@ -139,32 +139,24 @@ class SamConfig:
 # ----------------------------------------------------------------------------------------------
 # Image encoder
 # ----------------------------------------------------------------------------------------------
-class RelPosAttention(nn.Module):
-    """Self-attention over an H x W grid with SAM's decomposed relative position term.
-
-    The same fused `qkv`, heads and `attention` as `layers.Attention`; the one difference is the
-    bias, which depends on each query (q . R), so it is computed between projection and softmax.
-    """
+class RelPosAttention(Attention):
+    """Self-attention over an H x W grid with SAM's decomposed relative position term: the
+    course's `layers.Attention` (fused `qkv`, heads, `attention`) plus a bias that depends on each
+    query (q . R), so it is computed between the projection and the softmax."""
 
     def __init__(self, dim: int, num_heads: int, grid: int, qkv_bias: bool = True, use_rel_pos: bool = True):
-        super().__init__()
-        self.num_heads, self.head_dim = num_heads, dim // num_heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
+        super().__init__(dim, num_heads, qkv_bias=qkv_bias)
         self.use_rel_pos = use_rel_pos
         if use_rel_pos:  # zeros at init, as in the paper's code
             self.rel_pos_h = nn.Parameter(torch.zeros(2 * grid - 1, self.head_dim))
             self.rel_pos_w = nn.Parameter(torch.zeros(2 * grid - 1, self.head_dim))
-        self.use_sdpa = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
-        qkv = self.qkv(x).reshape(B, H * W, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # 3 x (B, heads, H*W, d)
+        q, k, v = self.qkv_heads(x.reshape(B, H * W, C))  # 3 x (B, heads, H*W, d)
         bias = decomposed_rel_pos(q, self.rel_pos_h, self.rel_pos_w, (H, W)) if self.use_rel_pos else None
         out, _ = attention(q, k, v, bias, use_sdpa=self.use_sdpa)
-        out = out.transpose(1, 2).reshape(B, H, W, C)  # (B, heads, HW, d) -> (B, H, W, heads*d)
-        return self.proj(out)
+        return self.proj(merge_heads(out)).reshape(B, H, W, C)  # (B, heads, HW, d) -> (B, H, W, C)
 
 
 class EncoderBlock(nn.Module):
