@@ -49,7 +49,7 @@ RAW_MYST = {
     "target": re.compile(r"^\([\w.:-]+\)=", flags=re.M),
     "MyST-only link": re.compile(r"\]\((#api-[^)]*|[^):]+\.md(#[^)]*)?)\)"),
 }
-LATEX_ACCENTS = {"'": "\u0301", "`": "\u0300", '"': "\u0308", "^": "\u0302", "~": "\u0303", "c": "\u0327"}
+LATEX_ACCENTS = {"'": "\u0301", "`": "\u0300", '"': "\u0308", "^": "\u0302", "~": "\u0303", "c": "\u0327", "u": "\u0306"}
 
 
 class NotebookError(ValueError):
@@ -91,7 +91,8 @@ def read_release(root: Path = ROOT) -> Release:
 
 def _latex_to_text(s: str) -> str:
     """`J{\\'e}gou` -> `Jégou`: the accents and braces of our own references.bib."""
-    s = re.sub(r"\{?\\([`'\"^~c])\{?(\w)\}?\}?", lambda m: unicodedata.normalize("NFC", m.group(2) + LATEX_ACCENTS[m.group(1)]), s)
+    s = re.sub(r"\\i\b", "\u0131", s)  # dotless i (H{\\i}zl{\\i})
+    s = re.sub(r"\{?\\([`'\"^~cu])\{?(\w)\}?\}?", lambda m: unicodedata.normalize("NFC", m.group(2) + LATEX_ACCENTS[m.group(1)]), s)
     return s.replace("\\&", "&").replace("{", "").replace("}", "")
 
 
