@@ -26,10 +26,9 @@ from torch import nn
 
 from .convnext import LayerNorm2d
 from .hf import cfg, load_hf_checkpoint, rename_keys
-from .layers import Attention, Mlp, attention, load_state_dict_checked, merge_heads
+from .layers import Attention, Mlp, PatchEmbed, attention, load_state_dict_checked, merge_heads
 from .sam_decoder import MaskDecoder
-from .swin import pad_to_window, window_partition, window_reverse
-from .vit import PatchEmbed
+from .swin import pad_to_window, window_partition, window_reverse  # ViTDet: Swin's windows in a plain ViT
 
 
 # ----------------------------------------------------------------------------------------------
