@@ -157,18 +157,26 @@ def _readonly_paths() -> list[str]:
     return sorted(p for p in paths if p and os.path.exists(p))
 
 
+def under_tmp(path: str) -> bool:
+    return path == "/tmp" or path.startswith("/tmp/")
+
+
 def _system_view(scratch_mb: int, open_parents: bool = False) -> list[str]:
-    """bwrap options: the read-only system, Python and course; /proc, /dev; capped /tmp and /scratch.
-    `open_parents`: the folders above them readable by everyone (bwrap run by root makes them 0700)."""
+    """bwrap options: capped /tmp and /scratch, /proc, /dev; the read-only system, Python and course.
+    `open_parents`: the folders above them readable by everyone (bwrap run by root makes them 0700).
+
+    The tmpfs mounts come first, so that a course or Python installed under /tmp (a CI clone, say)
+    is bound on top of the fresh /tmp instead of being hidden by it. TMPDIR is /scratch either way.
+    """
     size = str(scratch_mb * 2**20)
-    cmd, parents = [], sorted({str(a) for p in _readonly_paths() for a in Path(p).parents if str(a) != "/"}, key=len)
+    cmd = ["--proc", "/proc", "--dev", "/dev", "--size", size, "--tmpfs", "/tmp", "--size", size, "--tmpfs", "/scratch"]
+    parents = sorted({str(a) for p in _readonly_paths() for a in Path(p).parents if str(a) not in ("/", "/tmp")}, key=len)
     for parent in parents if open_parents else []:
         cmd += ["--perms", "0755", "--dir", parent]
     for path in _readonly_paths():
         cmd += ["--ro-bind", path, path]
-    return cmd + ["--proc", "/proc", "--dev", "/dev", "--size", size, "--tmpfs", "/tmp", "--size", size, "--tmpfs", "/scratch",
-                  "--chdir", "/scratch", "--clearenv", "--setenv", "HOME", "/scratch", "--setenv", "PATH", "/usr/bin:/bin",
-                  "--setenv", "PYTHONHASHSEED", "0", "--setenv", "OMP_WAIT_POLICY", "PASSIVE"]
+    return cmd + ["--chdir", "/scratch", "--clearenv", "--setenv", "HOME", "/scratch", "--setenv", "TMPDIR", "/scratch",
+                  "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "PYTHONHASHSEED", "0", "--setenv", "OMP_WAIT_POLICY", "PASSIVE"]
 
 
 def command(job_dir: Path, scratch_mb: int, unsafe: bool) -> list[str]:

@@ -59,7 +59,12 @@ def _become_the_submission(scratch_bytes: int) -> None:
     """In PID 1 of the submission's namespaces: fresh /proc, /scratch and /tmp; no privileges left."""
     _libc_call("mount", None, b"/", None, MS_REC | MS_PRIVATE, None)
     _libc_call("mount", b"proc", b"/proc", b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
-    for path in (b"/scratch", b"/tmp"):
+    # A course or Python under /tmp (a CI clone) is bound inside the zygote's /tmp: keep that /tmp
+    # (root's, not writable by the submission) rather than hide it; TMPDIR points at /scratch.
+    from grading.sandbox import _readonly_paths, under_tmp
+
+    course_in_tmp = any(under_tmp(p) for p in _readonly_paths())
+    for path in (b"/scratch",) if course_in_tmp else (b"/scratch", b"/tmp"):
         _libc_call("mount", b"tmpfs", path, b"tmpfs", MS_NOSUID | MS_NODEV, f"size={scratch_bytes},mode=1777".encode())
     _libc_call("sethostname", b"sandbox", 7)
     for cap in range(64):  # the bounding set: no capability can come back, not even through execve
@@ -72,7 +77,7 @@ def _become_the_submission(scratch_bytes: int) -> None:
         raise OSError("could not become the unprivileged user")
     os.chdir("/scratch")
     os.environ.clear()
-    os.environ.update(HOME="/scratch", PATH="/usr/bin:/bin", PYTHONHASHSEED="0", OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS="1")
+    os.environ.update(HOME="/scratch", TMPDIR="/scratch", PATH="/usr/bin:/bin", PYTHONHASHSEED="0", OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS="1")
 
 
 def _wait_for(pid: int) -> int:
