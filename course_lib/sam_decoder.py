@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .convnext import LayerNorm2d
-from .layers import attention, merge_heads, split_heads
+from .layers import Attention, attention, merge_heads, split_heads
 
 
 def hypernetwork_masks(mask_weights: torch.Tensor, upscaled: torch.Tensor) -> torch.Tensor:
@@ -49,23 +49,20 @@ class FeedForward(nn.Module):
         return self.proj_out(x)
 
 
-class DownsampledAttention(nn.Module):
-    """Attention whose queries, keys and values are projected to dim / downsample_rate before the
-    heads split (SAM appendix A: halves the cost of the 4,096 image tokens in cross-attention).
+class DownsampledAttention(Attention):
+    """`layers.Attention` (cross-attention: `q`, `k`, `v`, `proj`) whose queries, keys and values are
+    projected to dim / downsample_rate before the heads split (SAM appendix A: halves the cost of
+    the 4,096 image tokens in cross-attention).
 
-    Queries, keys and values come as three tensors: keys carry positional codes that the values
-    must not, so `layers.Attention` (keys and values from one context) does not fit.
+    Queries, keys and values come as three tensors: the keys carry positional codes that the
+    values must not, so forward takes the key and value inputs separately.
     """
 
     def __init__(self, dim: int, num_heads: int, downsample_rate: int = 1):
-        super().__init__()
         inner = dim // downsample_rate
         if inner % num_heads:
             raise ValueError(f"inner width {inner} (= {dim} / {downsample_rate}) is not divisible by {num_heads} heads")
-        self.num_heads = num_heads
-        self.q, self.k, self.v = nn.Linear(dim, inner), nn.Linear(dim, inner), nn.Linear(dim, inner)
-        self.proj = nn.Linear(inner, dim)
-        self.use_sdpa = True
+        super().__init__(dim, num_heads, context_dim=dim, head_dim=inner // num_heads)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         q = split_heads(self.q(q), self.num_heads)  # (B, heads, Lq, d)
