@@ -116,6 +116,7 @@ def main() -> None:
         print(f"{world} process(es), {hist.step[-1]} steps, final loss {hist.loss[-1]:.4f}, "
               f"test accuracy {acc:.4f}, {log['seconds']} s; wrote {args.out}")
     if world > 1:
+        dist.barrier()  # every process waits for rank 0's files: tearing gloo down early aborts a peer
         dist.destroy_process_group()
 
 
